@@ -1,0 +1,5 @@
+"""The LIMoE model: presets in limoe_ds.config, modules in limoe_ds.model.limoe."""
+
+from limoe_ds.model.limoe import LIMoEModel, LIMoEOutput, build_model, init_weights, param_counts
+
+__all__ = ["LIMoEModel", "LIMoEOutput", "build_model", "init_weights", "param_counts"]

@@ -1,0 +1,250 @@
+"""LIMoE: one transformer tower shared by images and text, with sparse MoE feed-forward layers.
+
+A plain single-device ``nn.Module``: parallelism (expert-parallel groups, DeepSpeed) is applied
+elsewhere. The only layout facts the model takes are ``ep_size``/``ep_rank`` (how many experts
+this rank holds, and which, so that initialisation is the same whatever the layout).
+
+Legend: B batch, I image patches, T text positions, D width, S routing pool (B*I + B*T), K
+shared embedding width.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from limoe_ds.config import ModelConfig
+from limoe_ds.moe.layer import MLP, LIMoELayer
+from limoe_ds.moe.routing import TOKEN_IMAGE, TOKEN_PAD, TOKEN_TEXT, Routing
+
+
+@dataclass
+class LIMoEOutput:
+    image_emb: torch.Tensor
+    """[B, K], L2-normalised."""
+    text_emb: torch.Tensor
+    """[B, K], L2-normalised."""
+    logit_scale: torch.Tensor
+    """exp(t), a scalar with grad."""
+    aux_losses: dict[str, torch.Tensor]
+    """Weighted auxiliary losses, e.g. 'moe/layer3/text/global_entropy'; the step sums them."""
+    routing_stats: dict[str, torch.Tensor]
+    """Detached counts per layer, e.g. 'moe/layer3/text/kept_per_expert' ([E])."""
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        q, k, v = self.qkv(x_BTD).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        mask = None
+        if valid_BT is not None:
+            # A row with no valid key (an all-padding caption) attends to everything rather than NaN.
+            mask = (valid_BT | ~valid_BT.any(dim=1, keepdim=True))[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    """Pre-LN block shared by both modalities; a MoE block routes both modalities in ONE pool."""
+
+    def __init__(self, cfg: ModelConfig, index: int, ep_size: int) -> None:
+        super().__init__()
+        self.index = index
+        self.ln1 = nn.LayerNorm(cfg.width)
+        self.attn = Attention(cfg.width, cfg.num_heads)
+        self.ln2 = nn.LayerNorm(cfg.width)
+        self.is_moe = cfg.is_moe_layer(index)
+        self.ffn = (LIMoELayer(cfg.width, cfg.mlp_dim, cfg.moe, ep_size=ep_size) if self.is_moe
+                    else MLP(cfg.width, cfg.mlp_dim))
+
+    def forward(self, img_BID: torch.Tensor, txt_BTD: torch.Tensor,
+                txt_valid_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Routing | None]:
+        img_BID = img_BID + self.attn(self.ln1(img_BID), None)
+        txt_BTD = txt_BTD + self.attn(self.ln1(txt_BTD), txt_valid_BT)
+        h_img, h_txt = self.ln2(img_BID), self.ln2(txt_BTD)
+        if not self.is_moe:
+            return img_BID + self.ffn(h_img), txt_BTD + self.ffn(h_txt), None
+        y_img, y_txt, routing = self._moe(h_img, h_txt, txt_valid_BT)
+        return img_BID + y_img, txt_BTD + y_txt, routing
+
+    def _moe(self, h_img_BID, h_txt_BTD, txt_valid_BT):
+        """Canonical pool order: all image tokens (sample by sample), then all text tokens."""
+        (B_i, I, D), (B_t, T, _) = h_img_BID.shape, h_txt_BTD.shape
+        pool_SD = torch.cat([h_img_BID.reshape(B_i * I, D), h_txt_BTD.reshape(B_t * T, D)])
+        type_S = torch.cat([
+            torch.full((B_i * I,), TOKEN_IMAGE, dtype=torch.long, device=pool_SD.device),
+            torch.where(txt_valid_BT.reshape(-1), TOKEN_TEXT, TOKEN_PAD)])
+        y_SD, routing = self.ffn(pool_SD, type_S)
+        y_img, y_txt = y_SD.split([B_i * I, B_t * T])
+        return y_img.view(B_i, I, D), y_txt.view(B_t, T, D), routing
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling (big_vision): a learned probe attends over the tokens."""
+
+    def __init__(self, width: int, num_heads: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.probe = nn.Parameter(torch.zeros(1, 1, width))
+        self.attn = nn.MultiheadAttention(width, num_heads, batch_first=True)
+        self.ln = nn.LayerNorm(width)
+        self.mlp = MLP(width, mlp_dim)
+
+    def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor) -> torch.Tensor:
+        probe = self.probe.expand(x_BTD.shape[0], -1, -1)
+        pad = ~(valid_BT | ~valid_BT.any(dim=1, keepdim=True))
+        y = self.attn(probe, x_BTD, x_BTD, key_padding_mask=pad, need_weights=False)[0]
+        return (y + self.mlp(self.ln(y)))[:, 0]
+
+
+class LIMoEModel(nn.Module):
+    """One-tower LIMoE. ``forward(images, tokens)`` is the training forward."""
+
+    def __init__(self, cfg: ModelConfig, *, ep_size: int = 1, ep_rank: int = 0) -> None:
+        super().__init__()
+        self.cfg, self.ep_size, self.ep_rank = cfg, ep_size, ep_rank
+        D = cfg.width
+        self.patch_embed = nn.Conv2d(cfg.channels, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.image_pos = nn.Parameter(torch.empty(1, cfg.num_patches, D))
+        self.token_embed = nn.Embedding(cfg.vocab_size, D)
+        self.text_pos = nn.Parameter(torch.empty(1, cfg.text_len, D))
+        self.blocks = nn.ModuleList(Block(cfg, i, ep_size) for i in range(cfg.depth))
+        self.final_ln = nn.LayerNorm(D)
+        if cfg.pooling == "map":
+            self.image_pool = MAPHead(D, cfg.num_heads, cfg.mlp_dim)
+            self.text_pool = MAPHead(D, cfg.num_heads, cfg.mlp_dim)
+        self.image_head = nn.Linear(D, cfg.embed_dim)
+        self.text_head = nn.Linear(D, cfg.embed_dim)
+        self.logit_scale = nn.Parameter(torch.empty(()))  # t, with exp(t) the inverse temperature
+
+    # -- inputs -------------------------------------------------------------------------------
+    def embed_images(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> patch tokens [B, I, D]."""
+        x = self.patch_embed(images_BCHW.to(self.patch_embed.weight.dtype))
+        return x.flatten(2).transpose(1, 2) + self.image_pos
+
+    def embed_text(self, tokens_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids -> (tokens [B, T, D], valid [B, T]); ``cfg.pad_id`` marks padding."""
+        if tokens_BT.shape[1] != self.cfg.text_len:
+            raise ValueError(f"token_ids have length {tokens_BT.shape[1]}, the model's text_len is "
+                             f"{self.cfg.text_len}; pad or truncate with the tokenizer")
+        return self.token_embed(tokens_BT) + self.text_pos, tokens_BT != self.cfg.pad_id
+
+    # -- tower ----------------------------------------------------------------------------------
+    def _tower(self, img_BID, txt_BTD, txt_valid_BT):
+        aux, stats = {}, {}
+        for block in self.blocks:
+            img_BID, txt_BTD, routing = block(img_BID, txt_BTD, txt_valid_BT)
+            if routing is not None:
+                prefix = f"moe/layer{block.index}/"
+                aux.update({prefix + k: v for k, v in routing.aux.items()})
+                stats.update({prefix + k: v for k, v in routing.stats.items()})
+        return self.final_ln(img_BID), self.final_ln(txt_BTD), aux, stats
+
+    def _pool(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor, which: str) -> torch.Tensor:
+        if self.cfg.pooling == "map":
+            return getattr(self, f"{which}_pool")(x_BTD, valid_BT)
+        w = valid_BT.to(x_BTD.dtype)[..., None]
+        return (x_BTD * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
+
+    def forward(self, images_BCHW: torch.Tensor | None, tokens_BT: torch.Tensor | None) -> LIMoEOutput:
+        """Embed a batch of images and/or captions; either may be None (then routed alone)."""
+        if images_BCHW is None and tokens_BT is None:
+            raise ValueError("forward needs images, tokens, or both")
+        img_BID = (self.embed_images(images_BCHW) if images_BCHW is not None
+                   else self.image_pos.new_zeros(0, self.cfg.num_patches, self.cfg.width))
+        if tokens_BT is not None:
+            txt_BTD, txt_valid_BT = self.embed_text(tokens_BT)
+        else:
+            txt_BTD = self.text_pos.new_zeros(0, self.cfg.text_len, self.cfg.width)
+            txt_valid_BT = torch.zeros(0, self.cfg.text_len, dtype=torch.bool, device=txt_BTD.device)
+        img_BID, txt_BTD, aux, stats = self._tower(img_BID, txt_BTD, txt_valid_BT)
+        img_valid_BI = torch.ones(img_BID.shape[:2], dtype=torch.bool, device=img_BID.device)
+        image_emb = F.normalize(self.image_head(self._pool(img_BID, img_valid_BI, "image")), dim=-1)
+        text_emb = F.normalize(self.text_head(self._pool(txt_BTD, txt_valid_BT, "text")), dim=-1)
+        return LIMoEOutput(image_emb, text_emb, self.logit_scale.exp(), aux, stats)
+
+    def encode_image(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings [B, K]."""
+        return self(images_BCHW, None).image_emb
+
+    def encode_text(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text embeddings [B, K]."""
+        return self(None, tokens_BT).text_emb
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """exp(t) <= temperature_max, applied after each optimizer step (open_clip), not in forward."""
+        self.logit_scale.clamp_(max=math.log(self.cfg.temperature_max))
+
+    def moe_layers(self) -> list[LIMoELayer]:
+        return [b.ffn for b in self.blocks if b.is_moe]
+
+
+_EXPERT_RE = re.compile(r"deepspeed_experts\.(\d+)\.")
+
+
+@torch.no_grad()
+def init_weights(model: LIMoEModel, seed: int) -> None:
+    """Initialise every parameter from its own generator, seeded by (seed, global name).
+
+    Expert parameters are named by their GLOBAL expert index, so the same seed gives the same full
+    model whatever the expert-parallel layout (runs comparable, checkpoints convertible).
+    """
+    cfg = model.cfg
+    num_local = cfg.moe.num_experts // model.ep_size if cfg.moe else 1
+    for mod_name, mod in model.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            if p.is_meta:
+                continue
+            name = _EXPERT_RE.sub(lambda m: f"expert{model.ep_rank * num_local + int(m.group(1))}.",
+                                  f"{mod_name}.{p_name}")
+            gen = torch.Generator(device=p.device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+            if p is model.logit_scale:
+                p.fill_(math.log(cfg.temperature_init))
+            elif isinstance(mod, nn.LayerNorm):
+                p.fill_(1.0 if p_name == "weight" else 0.0)
+            elif p_name.endswith("bias"):
+                p.zero_()
+            elif isinstance(mod, MAPHead) and p_name == "probe":
+                nn.init.normal_(p, std=cfg.init_std, generator=gen)
+            else:
+                nn.init.trunc_normal_(p, std=cfg.init_std, a=-2 * cfg.init_std, b=2 * cfg.init_std, generator=gen)
+
+
+def build_model(cfg: ModelConfig | str, *, ep_size: int = 1, ep_rank: int = 0, seed: int = 0,
+                device: torch.device | str | None = None) -> LIMoEModel:
+    """Build (and initialise, unless on the meta device) a LIMoE model from a config or preset name."""
+    if isinstance(cfg, str):
+        from limoe_ds.config import get_preset
+        cfg = get_preset(cfg)
+    with torch.device(device or "cpu"):
+        model = LIMoEModel(cfg, ep_size=ep_size, ep_rank=ep_rank)
+    init_weights(model, seed)
+    return model
+
+
+def param_counts(model: LIMoEModel) -> dict[str, int]:
+    """Total parameters and active parameters per token (spec: 'Parameter accounting').
+
+    active = total minus, in every MoE layer, the experts a token does not use: (E-1)/E of that
+    layer's expert parameters. Counted on a model holding all experts (ep_size=1).
+    """
+    assert model.ep_size == 1, "count parameters on a model that holds every expert (ep_size=1)"
+    total = sum(p.numel() for p in model.parameters())
+    expert = sum(p.numel() for layer in model.moe_layers() for p in layer.deepspeed_moe.experts.parameters())
+    E = model.cfg.moe.num_experts if model.cfg.moe else 1
+    inactive = expert * (E - 1) // E
+    return {"total_params": total, "active_params_per_token": total - inactive, "expert_params": expert,
+            "shared_params": total - expert}

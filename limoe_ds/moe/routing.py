@@ -1,0 +1,218 @@
+"""Top-1 routing with Batch Priority Routing and LIMoE's auxiliary losses, as pure functions.
+
+No process groups, no module state: ``route_top1`` maps router logits, token types and a capacity
+to an assignment, the weighted auxiliary losses and detached statistics. The DeepSpeed gate in
+``limoe_ds.moe.gate`` is a thin adapter around it. References: ../shared/LIMOE_SPEC.md; V-MoE
+(google-research/vmoe, vmoe/nn/routing.py); LIMoE (arXiv 2206.02770).
+
+Legend: N tokens in the routing pool, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from limoe_ds.config import MODALITIES, MoEConfig
+
+# Token types in the routing pool. Padding is never routed, counted or dropped.
+TOKEN_PAD, TOKEN_IMAGE, TOKEN_TEXT = 0, 1, 2
+MODALITY_TOKEN = {"image": TOKEN_IMAGE, "text": TOKEN_TEXT}
+
+
+def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, *, k: int = 1,
+                    multiple_of: int = 4) -> int:
+    """C = ceil(k * cf * n / E), rounded up to a multiple of ``multiple_of`` (V-MoE)."""
+    for name, v in (("num_tokens", num_tokens), ("num_experts", num_experts),
+                    ("capacity_factor", capacity_factor), ("k", k), ("multiple_of", multiple_of)):
+        if not v > 0:
+            raise ValueError(f"expert_capacity: {name} must be positive, got {v!r}")
+    capacity = math.ceil(k * capacity_factor * num_tokens / num_experts)
+    return -(-capacity // multiple_of) * multiple_of
+
+
+def top1_assign(probs_NE: torch.Tensor, valid_N: torch.Tensor, capacity: int | None, *,
+                batch_priority: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-1 expert, buffer position and keep flag for every token.
+
+    expert = argmax of probs (lowest index on ties; torch.argmax returns the first maximum), -1
+    for invalid tokens. position = the token's 0-based slot in its expert's buffer, filled in
+    priority order: with BPR by max prob descending (stable: ties keep token order), else token
+    order; -1 for invalid. kept = valid and position < capacity (capacity None = dropless).
+    """
+    N, E = probs_NE.shape
+    priority_N, argmax_N = probs_NE.max(dim=-1)  # first maximum on ties
+    expert_N = torch.where(valid_N, argmax_N, -1)
+    if batch_priority:
+        # BPR (V-MoE sec. 4.1): the token with the higher router probability wins a slot.
+        order_N = torch.sort(priority_N.masked_fill(~valid_N, -math.inf), descending=True, stable=True).indices
+    else:
+        order_N = torch.arange(N, device=probs_NE.device)
+    # Group the priority-ordered tokens by expert with a stable sort (priority order is kept inside
+    # each group); a token's position is its rank in its group. Invalid tokens form group E.
+    group_N = torch.where(valid_N, expert_N, E)[order_N]
+    perm_N = torch.sort(group_N, stable=True).indices
+    grouped_N = group_N[perm_N]
+    counts = torch.bincount(grouped_N, minlength=E + 1)
+    rank_N = torch.arange(N, device=probs_NE.device) - (counts.cumsum(0) - counts)[grouped_N]
+    position_N = torch.empty_like(rank_N).scatter_(0, order_N[perm_N], rank_N)
+    position_N = torch.where(valid_N, position_N, -1)
+    kept_N = valid_N if capacity is None else valid_N & (position_N < capacity)
+    return expert_N, position_N, kept_N
+
+
+def _masked_mean(x_N: torch.Tensor, mask_N: torch.Tensor) -> torch.Tensor:
+    """Mean over the masked entries; 0 (not NaN) when the mask is empty."""
+    m = mask_N.to(x_N.dtype)
+    return (x_N * m).sum() / m.sum().clamp(min=1.0)
+
+
+def _cv_squared(x_E: torch.Tensor) -> torch.Tensor:
+    """(std / mean)^2 with the POPULATION std (vmoe uses jnp.var); 0 when everything is 0."""
+    mean = x_E.mean()
+    return x_E.var(unbiased=False) / (mean * mean).clamp(min=torch.finfo(x_E.dtype).tiny)
+
+
+def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Shannon entropy in nats, with 0 log 0 = 0."""
+    return -(p * torch.log(p.clamp(min=torch.finfo(p.dtype).tiny))).sum(dim=dim)
+
+
+def importance_loss(probs_NE: torch.Tensor, valid_N: torch.Tensor) -> torch.Tensor:
+    """V-MoE importance loss: imp_e = sum_i p_i[e] over valid tokens (clean p); (std/mean)^2."""
+    importance_E = (probs_NE * valid_N[:, None].to(probs_NE.dtype)).sum(dim=0)
+    return _cv_squared(importance_E)
+
+
+def load_loss(logits_NE: torch.Tensor, noisy_logits_NE: torch.Tensor, noise_std: float,
+              valid_N: torch.Tensor) -> torch.Tensor:
+    """V-MoE load loss: P(i,e) = 1 - Phi((thr_i - l_i[e]) / noise_std), thr_i = top-1 noisy logit.
+
+    load_e = mean over valid tokens of P(i,e); loss = (std(load)/mean(load))^2. ``noise_std`` is
+    the actual std of the noise that was added (sigma / E).
+    """
+    threshold_N1 = noisy_logits_NE.max(dim=-1, keepdim=True).values
+    # z = noise needed to win, in units of noise_std. With noise_std = 1/E, z reaches the hundreds;
+    # exp(-z^2/2) in Phi's gradient then underflows to denormals (float32's slow path: 13x slower
+    # exp, and denormal gradients slow the router matmul). Capping z at 12 changes P by < 2e-33.
+    z_NE = ((threshold_N1 - logits_NE) / noise_std).clamp(max=12.0)
+    p_NE = torch.special.ndtr(-z_NE)  # = 1 - Phi(z), without cancellation
+    valid_N1 = valid_N[:, None].to(p_NE.dtype)
+    load_E = (p_NE * valid_N1).sum(dim=0) / valid_N1.sum().clamp(min=1.0)
+    return _cv_squared(load_E)
+
+
+def local_entropy_loss(probs_NE: torch.Tensor, mask_N: torch.Tensor) -> torch.Tensor:
+    """LIMoE local entropy: mean over the masked tokens of H(p_i) (low = confident routing)."""
+    return _masked_mean(entropy(probs_NE), mask_N)
+
+
+def global_entropy_loss(probs_NE: torch.Tensor, mask_N: torch.Tensor, threshold: float) -> torch.Tensor:
+    """LIMoE thresholded global entropy: max(0, tau - H(mean_i p_i)) over the masked tokens."""
+    m_N1 = mask_N[:, None].to(probs_NE.dtype)
+    mean_probs_E = (probs_NE * m_N1).sum(dim=0) / m_N1.sum().clamp(min=1.0)
+    loss = torch.clamp(threshold - entropy(mean_probs_E), min=0.0)
+    return torch.where(mask_N.any(), loss, torch.zeros_like(loss))  # no tokens of m: no loss
+
+
+def z_loss(logits_NE: torch.Tensor, valid_N: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over valid tokens of logsumexp(l)^2."""
+    return _masked_mean(torch.logsumexp(logits_NE, dim=-1) ** 2, valid_N)
+
+
+@dataclass
+class Routing:
+    """The outcome of routing one pool of N tokens."""
+
+    expert_N: torch.Tensor
+    """Chosen expert, -1 for padding."""
+    position_N: torch.Tensor
+    """Slot in the expert's buffer, -1 for padding."""
+    kept_N: torch.Tensor
+    """True for tokens that got a slot (dropped and padding tokens: False)."""
+    combine_N: torch.Tensor
+    """Combine weight p~_i[e_i] for kept tokens (not renormalised), 0 otherwise; float32, with grad."""
+    capacity: int
+    aux: dict[str, torch.Tensor]
+    """Weighted auxiliary losses, keyed e.g. 'importance', 'text/global_entropy'."""
+    stats: dict[str, torch.Tensor]
+    """Detached statistics: counts per modality and expert, raw (unweighted) entropies."""
+
+
+def route_top1(logits_NE: torch.Tensor, token_type_N: torch.Tensor, cfg: MoEConfig, *,
+               capacity: int | None, noise_NE: torch.Tensor | None = None) -> Routing:
+    """Route a pool of tokens (image and text together) to experts.
+
+    logits_NE: router logits (float32 is required; the caller computes x W_r in float32).
+    token_type_N: TOKEN_PAD / TOKEN_IMAGE / TOKEN_TEXT. capacity: slots per expert, None =
+    dropless (the capacity reported is then the largest expert load, at least 1;
+    the caller rounds it). noise_NE: the training noise added to the logits, None in eval.
+    """
+    assert logits_NE.dtype == torch.float32, "router math must run in float32"
+    N, E = logits_NE.shape
+    valid_N = token_type_N != TOKEN_PAD
+    noisy_logits_NE = logits_NE if noise_NE is None else logits_NE + noise_NE
+    probs_NE = torch.softmax(logits_NE, dim=-1)
+    noisy_probs_NE = probs_NE if noise_NE is None else torch.softmax(noisy_logits_NE, dim=-1)
+
+    expert_N, position_N, kept_N = top1_assign(noisy_probs_NE.detach(), valid_N, capacity,
+                                               batch_priority=cfg.batch_priority)
+    gate_N = noisy_probs_NE.gather(1, expert_N.clamp(min=0)[:, None]).squeeze(1)
+    combine_N = gate_N * kept_N.to(gate_N.dtype)
+    if capacity is None:
+        capacity = max(int(position_N.max().item()) + 1 if N else 0, 1)
+
+    aux, stats = _losses_and_stats(cfg, logits_NE, noisy_logits_NE, probs_NE, token_type_N, expert_N, kept_N,
+                                   noisy=noise_NE is not None)
+    stats["capacity"] = torch.tensor(float(capacity))
+    return Routing(expert_N, position_N, kept_N, combine_N, capacity, aux, stats)
+
+
+def _losses_and_stats(cfg: MoEConfig, logits_NE, noisy_logits_NE, probs_NE, token_type_N, expert_N, kept_N, *,
+                      noisy: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Weighted aux losses (a term whose weight is 0 is left out) and detached counts.
+
+    The same definitions as importance_loss / local_entropy_loss / global_entropy_loss above
+    (tests compare them), computed for both modalities at once: one [M, N] modality matrix times
+    the per-token quantities, so each [N, E] pass happens once.
+    """
+    E = logits_NE.shape[-1]
+    valid_N = token_type_N != TOKEN_PAD
+    masks_MN = torch.stack([token_type_N == MODALITY_TOKEN[m] for m in MODALITIES]).to(probs_NE.dtype)
+    count_M = masks_MN.sum(dim=1)
+    entropy_N = entropy(probs_NE)
+    probs_sum_ME = masks_MN @ probs_NE
+    entropy_sum_M = masks_MN @ entropy_N
+    local_M = entropy_sum_M / count_M.clamp(min=1.0)
+    tau_M = torch.tensor([cfg.global_entropy_threshold(m) for m in MODALITIES], device=probs_NE.device)
+    global_M = torch.clamp(tau_M - entropy(probs_sum_ME / count_M.clamp(min=1.0)[:, None]), min=0.0)
+    global_M = torch.where(count_M > 0, global_M, torch.zeros_like(global_M))  # no tokens of m: no loss
+
+    aux: dict[str, torch.Tensor] = {}
+    if cfg.importance_weight:
+        aux["importance"] = cfg.importance_weight * _cv_squared(probs_sum_ME.sum(dim=0))
+    if cfg.load_weight and noisy and cfg.noise_std > 0:
+        aux["load"] = cfg.load_weight * load_loss(logits_NE, noisy_logits_NE, cfg.noise_std / E, valid_N)
+    for i, m in enumerate(MODALITIES):
+        if cfg.local_entropy_weight[m]:
+            aux[f"{m}/local_entropy"] = cfg.local_entropy_weight[m] * local_M[i]
+        if cfg.global_entropy_weight[m]:
+            aux[f"{m}/global_entropy"] = cfg.global_entropy_weight[m] * global_M[i]
+    if cfg.z_loss_weight:
+        aux["z_loss"] = cfg.z_loss_weight * z_loss(logits_NE, valid_N)
+
+    # Counts (not ratios) so that batches and ranks can be summed before dividing.
+    with torch.no_grad():
+        chosen_NE = F.one_hot(expert_N.clamp(min=0), E).to(probs_NE.dtype)
+        routed_ME = masks_MN @ chosen_NE
+        kept_ME = masks_MN @ (chosen_NE * kept_N[:, None])
+        stats: dict[str, torch.Tensor] = {}
+        for i, m in enumerate(MODALITIES):
+            stats[f"{m}/routed_per_expert"] = routed_ME[i]
+            stats[f"{m}/kept_per_expert"] = kept_ME[i]
+            stats[f"{m}/token_entropy_sum"] = entropy_sum_M[i].detach()
+            stats[f"{m}/probs_sum"] = probs_sum_ME[i].detach()
+    return aux, stats

@@ -1,0 +1,30 @@
+"""limoe_ds: train LIMoE (Language-Image Mixture of Experts) on DeepSpeed.
+
+On a CPU-only machine install torch first (`pip install torch==2.13.0` takes the CPU wheel);
+`make test` / `make train` do that for you. On a GPU cluster install the torch build that
+matches your CUDA first, then `pip install -e .`.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="limoe_ds",
+    version="0.1.0",
+    description="LIMoE (one-tower multimodal MoE, contrastive) training stack on DeepSpeed-MoE and megatron-core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["limoe_ds", "limoe_ds.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.19.8,<0.20",
+        "megatron-core>=0.16.1",
+        "datasets>=3.0",
+        "tokenizers>=0.19",
+        "pillow>=10.0",
+        "pyyaml>=6.0",
+        "tensorboard>=2.15",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "ninja",  # DeepSpeed JIT-compiles its CPU communication op
+    ],
+    extras_require={"test": ["pytest>=8.0", "pytest-timeout>=2.3"]},
+)

@@ -1,0 +1,38 @@
+"""Slow, obviously-correct per-token references for the router and the MoE layer."""
+
+import torch
+
+
+def reference_top1_assign(probs_NE, valid_N, capacity, *, batch_priority):
+    """Python loops over tokens: returns plain lists (expert, position, kept)."""
+    N, E = probs_NE.shape
+    p = probs_NE.tolist()
+    valid = valid_N.tolist()
+    expert = [max(range(E), key=lambda e: (p[i][e], -e)) if valid[i] else -1 for i in range(N)]
+    order = list(range(N))
+    if batch_priority:
+        # Python's sort is stable: ties keep token order.
+        order = sorted((i for i in range(N) if valid[i]), key=lambda i: -max(p[i]))
+    fill = [0] * E
+    position = [-1] * N
+    for i in order:
+        if valid[i]:
+            position[i] = fill[expert[i]]
+            fill[expert[i]] += 1
+    kept = [valid[i] and (capacity is None or position[i] < capacity) for i in range(N)]
+    return expert, position, kept
+
+
+def reference_moe(x_SD, type_S, gate_weight_ED, experts, capacity, *, batch_priority, noise_SE=None):
+    """Loop over tokens and experts: y_i = p~_i[e_i] * expert_{e_i}(x_i) if token i kept, else 0."""
+    logits = x_SD.float() @ gate_weight_ED.float().t()
+    noisy = logits if noise_SE is None else logits + noise_SE
+    probs = torch.softmax(noisy, -1)
+    expert, _, kept = reference_top1_assign(probs.detach(), type_S != 0, capacity, batch_priority=batch_priority)
+    rows = []
+    for i in range(x_SD.shape[0]):
+        if kept[i]:
+            rows.append(probs[i, expert[i]] * experts[expert[i]](x_SD[i:i + 1])[0])
+        else:
+            rows.append(torch.zeros_like(x_SD[i]))
+    return torch.stack(rows), kept
