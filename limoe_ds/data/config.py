@@ -1,0 +1,130 @@
+"""Typed data configuration: where image-text pairs come from and how they are read.
+
+Validated in ``__post_init__``; every error is a ``ValueError`` that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+FORMATS = ("auto", "webdataset", "parquet", "arrow", "folder")
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{key}: {msg}")
+
+
+def _reject_unknown(cls: type, d: Mapping[str, Any], key: str) -> None:
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - valid)
+    _check(not unknown, f"{key}.{unknown[0] if unknown else ''}", f"unknown key; valid keys are {sorted(valid)}")
+
+
+@dataclass(kw_only=True)
+class SourceConfig:
+    """One data source: a set of shards (or one image folder) in one format."""
+
+    path: str | list[str]
+    """A file, a directory, a glob (``shards/*.tar``), a brace range (``train-{000..007}.tar``) or a list
+    of those. A directory means its shards (webdataset/parquet/arrow) or, for ``folder``, the images."""
+    format: str = "auto"
+    """webdataset (tar of KEY.ext members) | parquet | arrow | folder (images + captions .jsonl/.csv) |
+    auto (from the file extension: .tar/.tgz/.tar.gz, .parquet, .arrow; a directory with a captions
+    file is a folder)."""
+    weight: float = 1.0
+    """Relative sampling weight when several training sources are mixed (normalised over sources)."""
+    caption_key: str | None = None
+    """JSON field / column / captions-file column holding the caption; None = DataConfig.caption_key."""
+    image_key: str | None = None
+    """Column with the image bytes (parquet/arrow) or file name (folder captions file);
+    None = DataConfig.image_key for parquet/arrow and ``file_name`` for folders."""
+    captions_file: str | None = None
+    """folder only: the captions .jsonl/.csv; None = the single *.jsonl or *.csv inside ``path``."""
+
+    def __post_init__(self) -> None:
+        paths = [self.path] if isinstance(self.path, str) else list(self.path)
+        _check(len(paths) > 0 and all(isinstance(p, str) and p for p in paths), "data.source.path",
+               f"must be a non-empty path, glob or list of them, got {self.path!r}")
+        _check(self.format in FORMATS, "data.source.format", f"must be one of {FORMATS}, got {self.format!r}")
+        _check(self.weight > 0, "data.source.weight", f"must be > 0, got {self.weight}; drop the source instead")
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+def _as_source(value: Any, key: str) -> SourceConfig:
+    if isinstance(value, SourceConfig):
+        return value
+    if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        value = {"path": value}
+    _check(isinstance(value, Mapping), key, f"must be a path or a mapping with 'path', got {value!r}")
+    _reject_unknown(SourceConfig, value, key)
+    _check("path" in value, f"{key}.path", "is required")
+    try:
+        return SourceConfig(**value)
+    except ValueError as e:  # name the source: data.train[1].weight, not data.source.weight
+        raise ValueError(str(e).replace("data.source", key, 1)) from None
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Training and validation data, and how to read it."""
+
+    train: list[SourceConfig] = field(default_factory=list)
+    """Training sources (SourceConfig, mapping or plain path), mixed by weight."""
+    val: SourceConfig | None = None
+    """Held-out image-caption pairs for the validation loss / retrieval (no shuffling): a
+    SourceConfig, mapping, path or list of paths (one source)."""
+    shuffle_buffer: int = 1000
+    """Samples per shuffle block, per worker and source (the buffer holds raw bytes, not tensors)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank; 0 = read in the training process."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead (ignored when num_workers = 0)."""
+    seed: int = 0
+    """Seeds shard order, shuffle blocks, source mixing and crops; with the position, it fixes the stream."""
+    max_image_pixels: int = 50_000_000
+    """Images with more pixels (width * height, read from the header) are skipped as too_many_pixels."""
+    max_caption_chars: int = 1000
+    """Longer captions are cut to this many characters before tokenising (counted as caption_truncated)."""
+    caption_key: str = "caption"
+    """Default JSON field / column holding the caption."""
+    image_key: str = "image"
+    """Default parquet/arrow column holding the image (bytes, or a {bytes, path} struct)."""
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    """Train-time random resized crop: area fraction range (open_clip's default scale=(0.9, 1.0))."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """Train-time random resized crop: aspect ratio range (torchvision's default)."""
+
+    def __post_init__(self) -> None:
+        train = [self.train] if isinstance(self.train, (str, Mapping, SourceConfig)) else list(self.train)
+        self.train = [_as_source(s, f"data.train[{i}]") for i, s in enumerate(train)]
+        if self.val is not None:
+            self.val = _as_source(self.val, "data.val")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1 (1 = no shuffling), got {self.shuffle_buffer}")
+        _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(self.prefetch_factor >= 1, "data.prefetch_factor", f"must be >= 1, got {self.prefetch_factor}")
+        _check(self.max_image_pixels >= 1, "data.max_image_pixels", f"must be >= 1, got {self.max_image_pixels}")
+        _check(self.max_caption_chars >= 1, "data.max_caption_chars", f"must be >= 1, got {self.max_caption_chars}")
+        self.crop_scale = tuple(float(x) for x in self.crop_scale)
+        self.crop_ratio = tuple(float(x) for x in self.crop_ratio)
+        lo, hi = self.crop_scale
+        _check(0 < lo <= hi <= 1, "data.crop_scale", f"must be (lo, hi) with 0 < lo <= hi <= 1, got {self.crop_scale}")
+        lo, hi = self.crop_ratio
+        _check(0 < lo <= hi, "data.crop_ratio", f"must be (lo, hi) with 0 < lo <= hi, got {self.crop_ratio}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DataConfig":
+        """Build from a plain mapping (a config file), rejecting unknown keys with the valid ones."""
+        _reject_unknown(cls, d, "data")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+__all__ = ["DataConfig", "SourceConfig", "FORMATS"]

@@ -1,0 +1,385 @@
+"""Shard discovery and the raw record readers (no image decoding here).
+
+A *shard* is the unit that is split among ranks and workers: one tar, one parquet/arrow file, or one
+image folder (its captions file). A reader yields ``Record``s in file order, numbering every record
+of the shard (``index``), so a position (shard, index) means the same record on every run.
+Problems that are visible without decoding are marked on the record (``problem``); a shard that is
+missing or breaks while being read yields one record with problem ``unreadable_shard``, so it is
+counted when the stream reaches it, exactly once per pass, like any other skipped sample.
+
+WebDataset tars are read with ``tarfile`` rather than ``datasets``' webdataset builder: that builder
+decodes ``.txt`` as UTF-8 and ``.json`` inside its generator, raises on a repeated field, and infers
+the schema from the first five samples, so one bad sample ends the whole stream. Parquet/Arrow go
+through ``datasets`` streaming, with any Image feature cast to ``Image(decode=False)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from limoe_ds.data.config import SourceConfig
+from limoe_ds.data.errors import DataError
+from limoe_ds.data.image import IMAGE_EXTS
+
+log = logging.getLogger(__name__)
+
+TAR_EXTS = (".tar", ".tar.gz", ".tgz")
+CAPTION_EXTS = ("txt", "text", "caption")
+JSON_EXTS = ("json",)
+LABEL_EXTS = ("cls",)
+_EXT_FORMAT = {".tar": "webdataset", ".tgz": "webdataset", ".gz": "webdataset", ".parquet": "parquet",
+               ".arrow": "arrow"}
+
+
+@dataclass
+class Record:
+    """One raw sample: undecoded image bytes and caption (bytes or str), plus what is already wrong."""
+
+    key: str
+    index: int
+    image: bytes | None = None
+    caption: bytes | str | None = None
+    label: int | None = None
+    problem: str | None = None
+    """A SKIP_REASONS entry known before decoding (duplicate_key, missing_image, ...), else None."""
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A source with its shard list fixed (sorted) at build time, so every rank sees the same list."""
+
+    index: int
+    name: str
+    shards: tuple[str, ...]
+    format: str
+    weight: float
+    caption_key: str
+    image_key: str | None
+    captions_file: str | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving paths
+# ---------------------------------------------------------------------------------------------
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a-{000..003}.tar`` -> a-000.tar ... a-003.tar (zero padding kept); ``{x,y}`` alternatives."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    head, tail, body = pattern[: m.start()], pattern[m.end():], m.group(1)
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        items = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    else:
+        items = body.split(",")
+    return [p for item in items for p in expand_braces(head + item + tail)]
+
+
+def _shards_in_dir(path: str) -> list[str]:
+    exts = TAR_EXTS + (".parquet", ".arrow")
+    return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(exts))
+
+
+def _captions_files(path: str) -> list[str]:
+    return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith((".jsonl", ".csv")))
+
+
+def resolve_paths(src: SourceConfig, key: str) -> list[str]:
+    """Expand braces, globs and directories; explicit files are kept even if missing (counted later)."""
+    out: list[str] = []
+    for entry in src.paths:
+        for pattern in expand_braces(entry):
+            if any(c in pattern for c in "*?["):
+                out.extend(sorted(glob.glob(pattern)))
+            elif os.path.isdir(pattern) and src.format not in ("folder", "auto"):
+                out.extend(_shards_in_dir(pattern))
+            elif os.path.isdir(pattern) and src.format == "auto" and not _captions_files(pattern):
+                out.extend(_shards_in_dir(pattern))
+            else:
+                out.append(pattern)
+    if not out:
+        raise DataError(f"{key}.path: no files match {src.path!r}; check the path or glob")
+    if not any(os.path.exists(p) for p in out):
+        raise DataError(f"{key}.path: none of the {len(out)} file(s) from {src.path!r} exist "
+                        f"(first: {out[0]!r}); build or mount the data first")
+    return out
+
+
+def infer_format(paths: list[str], key: str) -> str:
+    first = paths[0]
+    if os.path.isdir(first):
+        return "folder"
+    for ext, fmt in _EXT_FORMAT.items():
+        if first.endswith(ext) and (ext != ".gz" or first.endswith(".tar.gz")):
+            return fmt
+    raise ValueError(f"{key}.format: cannot infer the format of {first!r}; set format to one of "
+                     "webdataset, parquet, arrow, folder")
+
+
+def resolve_source(src: SourceConfig, index: int, key: str, caption_key: str, image_key: str) -> ResolvedSource:
+    paths = resolve_paths(src, key)
+    fmt = src.format if src.format != "auto" else infer_format(paths, key)
+    if fmt == "folder" and len(paths) != 1:
+        raise ValueError(f"{key}.path: a folder source is one directory, got {len(paths)} paths; "
+                         "list several folders as separate sources")
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        log.warning("%s: %d of %d shards missing (first %s); they are counted as unreadable_shard",
+                    key, len(missing), len(paths), missing[0])
+    img_key = src.image_key or ("file_name" if fmt == "folder" else image_key)
+    return ResolvedSource(index=index, name=key, shards=tuple(paths), format=fmt, weight=src.weight,
+                          caption_key=src.caption_key or caption_key, image_key=img_key,
+                          captions_file=src.captions_file)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: read_shard(source, shard_path, start, keep) -> records with index >= start and keep(index)
+# ---------------------------------------------------------------------------------------------
+
+Keep = Callable[[int], bool]
+
+
+def read_shard(src: ResolvedSource, path: str, start: int, keep: Keep, *, count_failure: bool) -> Iterator[Record]:
+    """Yield the shard's records from ``start``; a failure becomes one unreadable_shard record.
+
+    ``count_failure``: only one of the readers sharing a shard (record striding) reports its failure.
+    """
+    reader = {"webdataset": _read_tar, "parquet": _read_hf, "arrow": _read_hf, "folder": _read_folder}[src.format]
+    last = start - 1
+    try:
+        for rec in reader(src, path, start, keep):
+            last = rec.index
+            yield rec
+    except Exception as e:  # a missing, unreadable or truncated shard must not end the stream
+        log.warning("unreadable shard %s (%s: %s); records after #%d are lost", path, type(e).__name__, e, last)
+        if count_failure:
+            yield Record(key=path, index=-1, problem="unreadable_shard", detail=f"{type(e).__name__}: {e}")
+
+
+def split_member(name: str) -> tuple[str | None, str]:
+    """WebDataset convention: key = path up to the first dot of the basename, field = the rest."""
+    m = re.match(r"^((?:.*/|)[^./]+)\.([^/]*)$", name)
+    return (m.group(1), m.group(2).lower()) if m else (None, "")
+
+
+def _tar_groups(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
+    """Consecutive members with the same key; a repeated field starts a new group (a duplicate)."""
+    key, group = None, {}
+    for member in tar:
+        if not member.isfile():
+            continue
+        k, field = split_member(member.name)
+        if k is None or os.path.basename(k).startswith("."):
+            continue
+        if group and (k != key or field in group):
+            yield key, group
+            group = {}
+        key = k
+        group[field] = member
+    if group:
+        yield key, group
+
+
+def _read_tar(src: ResolvedSource, path: str, start: int, keep: Keep) -> Iterator[Record]:
+    seen: set[str] = set()
+    with tarfile.open(path, mode="r:*") as tar:
+        for index, (key, group) in enumerate(_tar_groups(tar)):
+            duplicate = key in seen
+            seen.add(key)
+            if index < start or not keep(index):
+                continue  # members are seeked over, never read
+            if duplicate:
+                yield Record(key=key, index=index, problem="duplicate_key", detail=path)
+                continue
+            yield _tar_record(src, tar, key, index, group)
+        _check_tar_end(path, tar)
+
+
+def _check_tar_end(path: str, tar: tarfile.TarFile) -> None:
+    """tarfile ends silently at a header cut short; a complete tar has >= 2 zero blocks after the
+    last member, so a shorter file lost members at its end (only checkable when uncompressed)."""
+    if path.endswith(TAR_EXTS[0]) and os.path.getsize(path) < tar.offset + 2 * tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"truncated: no end-of-archive marker after byte {tar.offset}")
+
+
+def _tar_record(src: ResolvedSource, tar: tarfile.TarFile, key: str, index: int,
+                group: dict[str, tarfile.TarInfo]) -> Record:
+    read = lambda m: tar.extractfile(m).read()  # noqa: E731
+    rec = Record(key=key, index=index)
+    last_ext = {field.rsplit(".", 1)[-1]: field for field in group}
+    img_field = next((last_ext[e] for e in IMAGE_EXTS if e in last_ext), None)
+    if img_field is not None:
+        rec.image = read(group[img_field])
+    if "cls" in last_ext:
+        rec.label = _parse_label(read(group[last_ext["cls"]]))
+    txt = next((last_ext[e] for e in CAPTION_EXTS if e in last_ext), None)
+    if txt is not None:
+        rec.caption = read(group[txt])
+    elif "json" in last_ext:
+        rec.caption, rec.problem = _json_caption(read(group[last_ext["json"]]), src.caption_key)
+    if img_field is None:
+        known = set(IMAGE_EXTS + CAPTION_EXTS + JSON_EXTS + LABEL_EXTS)
+        others = sorted(e for e in last_ext if e not in known)
+        rec.problem = "unsupported_format" if others else "missing_image"
+        rec.detail = ",".join(others)
+    return rec
+
+
+def _parse_label(raw: bytes) -> int | None:
+    try:
+        return int(raw.decode("ascii").strip())
+    except ValueError:
+        return None
+
+
+def _json_caption(raw: bytes, caption_key: str) -> tuple[bytes | str | None, str | None]:
+    """-> (caption, problem). Non-UTF-8 JSON is a non_utf8_caption, left for the caption check."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw, None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None, "malformed_json"
+    if not isinstance(obj, dict):
+        return None, "malformed_json"
+    return _pick_caption(obj.get(caption_key))
+
+
+def _pick_caption(value: Any) -> tuple[bytes | str | None, str | None]:
+    if isinstance(value, list):  # several captions per image (e.g. COCO): the first, deterministically
+        value = value[0] if value else None
+    if value is None:
+        return None, None
+    if isinstance(value, (str, bytes)):
+        return value, None
+    return str(value), None
+
+
+def _row_key(row: dict[str, Any], index: int) -> str:
+    for col in ("__key__", "key"):
+        if row.get(col) is not None:
+            return str(row[col])
+    return f"#{index}"
+
+
+def _image_cell(value: Any) -> bytes | None:
+    """A bytes column, or the {bytes, path} struct of a datasets Image(decode=False) column."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    return bytes(value) if value is not None else None
+
+
+def _read_hf(src: ResolvedSource, path: str, start: int, keep: Keep) -> Iterator[Record]:
+    import datasets
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
+    ds = datasets.load_dataset(src.format, data_files=[path], split="train", streaming=True)
+    features = ds.features or {}
+    if isinstance(features.get(src.image_key), datasets.Image):
+        ds = ds.cast_column(src.image_key, datasets.Image(decode=False))
+    seen: set[str] = set()
+    for index, row in enumerate(_rows(ds)):
+        key = _row_key(row, index)
+        duplicate = key in seen and not key.startswith("#")
+        seen.add(key)
+        if index < start or not keep(index):
+            continue
+        yield _hf_record(src, row, key, index, duplicate)
+
+
+def _rows(ds: Any, batch_size: int = 256) -> Iterator[dict[str, Any]]:
+    """Rows of a streaming dataset. ``ds.iter`` rather than ``iter(ds)``: inside a DataLoader worker
+    the latter splits the shards among the workers itself, on top of our own split."""
+    for batch in ds.iter(batch_size=batch_size):
+        columns = list(batch)
+        for values in zip(*(batch[c] for c in columns)):
+            yield dict(zip(columns, values))
+
+
+def _hf_record(src: ResolvedSource, row: dict[str, Any], key: str, index: int, duplicate: bool) -> Record:
+    if duplicate:
+        return Record(key=key, index=index, problem="duplicate_key")
+    caption, problem = _pick_caption(row.get(src.caption_key))
+    rec = Record(key=key, index=index, image=_image_cell(row.get(src.image_key)), caption=caption,
+                 problem=problem)
+    if rec.image is None:
+        rec.problem = "missing_image"
+    if isinstance(row.get("label"), int):
+        rec.label = row["label"]
+    return rec
+
+
+def _find_captions_file(src: ResolvedSource, folder: str) -> str:
+    if src.captions_file:
+        return src.captions_file if os.path.isabs(src.captions_file) else os.path.join(folder, src.captions_file)
+    found = _captions_files(folder)
+    if len(found) != 1:
+        raise DataError(f"{src.name}.captions_file: expected one *.jsonl or *.csv in {folder!r}, found "
+                        f"{[os.path.basename(f) for f in found]}; set captions_file")
+    return found[0]
+
+
+def _caption_rows(path: str) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+    """Rows of a captions .jsonl / .csv as (row, problem). Bytes that are not UTF-8 survive as
+    surrogate escapes (the caption check reports them as non_utf8_caption)."""
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="surrogateescape")
+    if path.endswith(".csv"):
+        yield from ((row, None) for row in csv.DictReader(io.StringIO(text, newline="")))
+        return
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        yield (row, None) if isinstance(row, dict) else (None, "malformed_json")
+
+
+def _read_folder(src: ResolvedSource, folder: str, start: int, keep: Keep) -> Iterator[Record]:
+    seen: set[str] = set()
+    for index, (row, problem) in enumerate(_caption_rows(_find_captions_file(src, folder))):
+        name = str(row.get(src.image_key) or "") if row else ""
+        duplicate = bool(name) and name in seen
+        seen.add(name)
+        if index < start or not keep(index):
+            continue
+        if problem or duplicate:
+            yield Record(key=name or f"#{index}", index=index, problem=problem or "duplicate_key")
+            continue
+        yield _folder_record(src, folder, row, name, index)
+
+
+def _folder_record(src: ResolvedSource, folder: str, row: dict[str, Any], name: str, index: int) -> Record:
+    caption, problem = _pick_caption(row.get(src.caption_key))
+    rec = Record(key=name or f"#{index}", index=index, caption=caption, problem=problem)
+    file = os.path.join(folder, name)
+    ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    if not name or not os.path.isfile(file):
+        rec.problem, rec.detail = "missing_image", file
+    elif ext not in IMAGE_EXTS:
+        rec.problem, rec.detail = "unsupported_format", ext
+    else:
+        with open(file, "rb") as f:
+            rec.image = f.read()
+    return rec
+
+
+__all__ = ["Record", "ResolvedSource", "expand_braces", "resolve_paths", "resolve_source", "infer_format",
+           "read_shard", "split_member"]
