@@ -1,12 +1,15 @@
 # The two set-up commands of the README: `make train` (main job) and `make test` (whole suite).
-# Both create .venv when it is missing. torch is installed first from `torch==2.13.0`, the CPU
-# wheel on this kind of machine, so that no other requirement pulls a multi-GB CUDA build.
+# Both create .venv when it is missing and build the bundled dataset when it is missing. torch is
+# installed first from `torch==2.13.0`, the CPU wheel on this kind of machine, so that no other
+# requirement pulls a multi-GB CUDA build.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.limoe_ds-installed
+DATA := data/mini/manifest.json
+RANKS ?= 2
 
-.PHONY: venv train test clean
+.PHONY: venv data train test clean
 
 venv: $(STAMP)
 
@@ -17,10 +20,18 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-train: $(STAMP)
-	$(PY) launch/smoke_tiny.py
+# Real image-caption pairs from Debian packages (installed when run as root); a few minutes.
+data: $(DATA)
+$(DATA): | $(STAMP)
+	$(PY) tools/build_mini_dataset.py --out data/mini
 
-test: $(STAMP)
+# Main job: train the tiny preset on 2 CPU ranks (expert-parallel 2) on the bundled data, then
+# evaluate; checkpoints, TensorBoard logs and metrics.jsonl go to runs/tiny.
+train: $(STAMP) $(DATA)
+	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(RANKS) launch/pretrain.py \
+		--deepspeed_config ds_configs/tiny.json
+
+test: $(STAMP) $(DATA)
 	$(PY) -m pytest tests -q
 
 clean:

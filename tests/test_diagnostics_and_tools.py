@@ -1,4 +1,4 @@
-"""Routing diagnostics, tools/model_summary.py and the interim main job."""
+"""Routing diagnostics and tools/model_summary.py."""
 
 import json
 import math
@@ -65,12 +65,3 @@ def test_model_summary_bad_preset_exits_2():
     r = _run("tools/model_summary.py", "x99")
     assert r.returncode == 2
     assert "unknown preset 'x99'" in r.stderr
-
-
-def test_interim_main_job_learns_and_reports_routing():
-    sys.path.insert(0, str(ROOT / "launch"))
-    import smoke_tiny
-    summary = smoke_tiny.main(["--steps", "12", "--batch-size", "16"])
-    assert summary["last_contrastive"] < 0.5 * summary["first_contrastive"]
-    assert set(summary["routing_dropless_eval"]) == {"layer1", "layer3"}
-    assert summary["routing_dropless_eval"]["layer1"]["text"]["success_rate"] == 1.0

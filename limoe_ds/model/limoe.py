@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from limoe_ds.config import ModelConfig
@@ -126,7 +127,11 @@ class LIMoEModel(nn.Module):
             self.text_pool = MAPHead(D, cfg.num_heads, cfg.mlp_dim)
         self.image_head = nn.Linear(D, cfg.embed_dim)
         self.text_head = nn.Linear(D, cfg.embed_dim)
-        self.logit_scale = nn.Parameter(torch.empty(()))  # t, with exp(t) the inverse temperature
+        # t, with exp(t) the inverse temperature; shape [1], not [] (DeepSpeed cannot broadcast 0-dim params)
+        self.logit_scale = nn.Parameter(torch.empty(1))
+        self.activation_checkpointing = False
+        """Recompute each block in the backward pass; torch replays the RNG state, so the router
+        noise (and hence the routing) of the recomputation equals the original forward's."""
 
     # -- inputs -------------------------------------------------------------------------------
     def embed_images(self, images_BCHW: torch.Tensor) -> torch.Tensor:
@@ -145,7 +150,11 @@ class LIMoEModel(nn.Module):
     def _tower(self, img_BID, txt_BTD, txt_valid_BT):
         aux, stats = {}, {}
         for block in self.blocks:
-            img_BID, txt_BTD, routing = block(img_BID, txt_BTD, txt_valid_BT)
+            if self.activation_checkpointing and self.training:
+                img_BID, txt_BTD, routing = torch.utils.checkpoint.checkpoint(
+                    block, img_BID, txt_BTD, txt_valid_BT, use_reentrant=False, preserve_rng_state=True)
+            else:
+                img_BID, txt_BTD, routing = block(img_BID, txt_BTD, txt_valid_BT)
             if routing is not None:
                 prefix = f"moe/layer{block.index}/"
                 aux.update({prefix + k: v for k, v in routing.aux.items()})
@@ -173,7 +182,7 @@ class LIMoEModel(nn.Module):
         img_valid_BI = torch.ones(img_BID.shape[:2], dtype=torch.bool, device=img_BID.device)
         image_emb = F.normalize(self.image_head(self._pool(img_BID, img_valid_BI, "image")), dim=-1)
         text_emb = F.normalize(self.text_head(self._pool(txt_BTD, txt_valid_BT, "text")), dim=-1)
-        return LIMoEOutput(image_emb, text_emb, self.logit_scale.exp(), aux, stats)
+        return LIMoEOutput(image_emb, text_emb, self.logit_scale[0].exp(), aux, stats)
 
     def encode_image(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings [B, K]."""

@@ -15,15 +15,22 @@ Legend: S tokens in the pool (image patches, then text positions), D model width
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from deepspeed.moe.experts import Experts
-from deepspeed.moe.layer import MoE
-from deepspeed.moe.sharded_moe import MOELayer
 from torch import nn
+
+# DeepSpeed's logger writes to stdout from the moment it is imported (its accelerator warning);
+# importing it with stdout redirected points that handler at stderr for good, so the project's own
+# stdout (JSON from tools, the training summary) stays clean.
+with contextlib.redirect_stdout(sys.stderr):
+    from deepspeed.moe.experts import Experts
+    from deepspeed.moe.layer import MoE
+    from deepspeed.moe.sharded_moe import MOELayer
 
 from limoe_ds.config import MoEConfig
 from limoe_ds.moe.routing import Routing, expert_capacity, route_top1

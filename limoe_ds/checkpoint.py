@@ -1,0 +1,139 @@
+"""Atomic, resumable checkpoints on top of DeepSpeed's engine checkpoints.
+
+Layout under ``RUN_DIR/checkpoints``:
+    step00000500/            DeepSpeed's files (model, ZeRO optimizer shards, per-expert files)
+        limoe_rank00000.pt   per-rank state: RNG states, data position
+        limoe_complete.json  written last, before the directory gets its final name
+    latest                   the newest complete tag (replaced atomically)
+
+A save writes ``stepN.partial`` and renames it to ``stepN`` only after every rank has finished
+(barrier) and the marker is written, so a crash mid-save leaves the previous checkpoint intact and
+loadable; ``find_latest`` ignores partial directories, and the next save removes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "limoe_complete.json"
+_TAG = re.compile(r"^step(\d{8})$")
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def params_finite(module: torch.nn.Module) -> bool:
+    bad = torch.tensor([0.0])
+    for p in module.parameters():
+        if not torch.isfinite(p.detach()).all():
+            bad[0] = 1.0
+            break
+    if dist.is_initialized():
+        bad = bad.to(next(module.parameters()).device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0.0
+
+
+def save(engine, ckpt_root: Path, step: int, *, rank_state: Callable[[], dict[str, Any]], meta: dict[str, Any],
+         keep_last: int) -> Path:
+    """Save a complete checkpoint for ``step`` atomically; prune to the newest ``keep_last``.
+
+    ``rank_state()`` (RNG states, data position) is called AFTER DeepSpeed's save_checkpoint,
+    which draws from torch's RNG: the saved state is the one the uninterrupted run continues with.
+    """
+    if not params_finite(engine.module):
+        raise RuntimeError(f"refusing to save step {step}: the weights are not finite "
+                           f"(the run diverged); the last good checkpoint is kept")
+    tag = f"step{step:08d}"
+    final, partial = ckpt_root / tag, ckpt_root / f"{tag}.partial"
+    if _rank() == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_root.glob("*.partial"):
+            shutil.rmtree(stale)
+    _barrier()
+    engine.save_checkpoint(str(ckpt_root), tag=partial.name, client_state={"limoe_step": step}, save_latest=False)
+    tmp = partial / f"limoe_rank{_rank():05d}.pt.tmp"
+    torch.save(rank_state(), tmp)
+    os.replace(tmp, partial / f"limoe_rank{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        atomic_write_text(partial / MARKER, json.dumps({"step": step, "world_size": world, **meta}, indent=1))
+        if final.exists():  # re-saving a step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        atomic_write_text(ckpt_root / "latest", tag)
+        for old in complete_checkpoints(ckpt_root)[:-keep_last]:
+            shutil.rmtree(old)
+    _barrier()
+    return final
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [p for p in ckpt_root.iterdir() if _TAG.match(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(_TAG.match(p.name).group(1)))
+
+
+def find_latest(ckpt_root: Path) -> Path | None:
+    complete = complete_checkpoints(ckpt_root)
+    return complete[-1] if complete else None
+
+
+def load(engine, ckpt_dir: Path) -> tuple[int, dict[str, Any]]:
+    """Restore model, optimizer, scheduler (DeepSpeed) and this rank's state; returns (step, rank_state)."""
+    if not (ckpt_dir / MARKER).is_file():
+        raise ValueError(f"--resume: {ckpt_dir} is not a complete limoe_ds checkpoint (no {MARKER})")
+    meta = json.loads((ckpt_dir / MARKER).read_text())
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if meta["world_size"] != world:
+        raise ValueError(f"--resume: {ckpt_dir} was saved by {meta['world_size']} ranks, this run has {world}; "
+                         f"resume with {meta['world_size']} ranks (resharding comes with tools/convert_checkpoint.py)")
+    rank_file = ckpt_dir / f"limoe_rank{_rank():05d}.pt"
+    if not rank_file.is_file():
+        raise ValueError(f"--resume: {rank_file} is missing; the checkpoint is incomplete")
+    path, client = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if path is None:
+        raise ValueError(f"--resume: DeepSpeed could not load {ckpt_dir}")
+    return int(client["limoe_step"]), torch.load(rank_file, weights_only=False)

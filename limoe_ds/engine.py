@@ -1,0 +1,182 @@
+"""The one place that talks to DeepSpeed: process groups, the engine, a training step, evaluation.
+
+The model stays a plain module (limoe_ds.model); this module initialises the process groups,
+splits the parameters into optimizer groups (no weight decay on norms, biases, embeddings and the
+temperature; MoE experts in their own groups, as DeepSpeed-MoE requires) and calls
+``deepspeed.initialize``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+with contextlib.redirect_stdout(sys.stderr):
+    import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+from limoe_ds.losses import contrastive_loss, gathered_contrastive_loss
+from limoe_ds.model.limoe import LIMoEModel, MAPHead
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Ranks and process groups: world = tp x dp; experts sharded over ep ranks (ep | dp)."""
+
+    rank: int
+    world_size: int
+    ep: int
+    tp: int = 1
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def ep_rank(self) -> int:
+        # DeepSpeed's expert-parallel groups are runs of ep consecutive data-parallel ranks.
+        return self.dp_rank % self.ep
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Start the default process group: NCCL on GPUs, gloo on CPU. A no-op when already started.
+
+    Without a launcher (plain ``python launch/pretrain.py``, tests) it starts a 1-rank group.
+    """
+    if dist.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    with contextlib.redirect_stdout(sys.stderr):
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+NO_DECAY_PARAMS = ("logit_scale", "token_embed.weight", "image_pos", "text_pos")
+
+
+def weight_decay_split(model: LIMoEModel) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(decay, no_decay): no weight decay on norms, biases, embeddings, the temperature, MAP probes."""
+    decay, no_decay = [], []
+    for mod_name, mod in model.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            skip = (isinstance(mod, nn.LayerNorm) or p_name.endswith("bias") or name in NO_DECAY_PARAMS
+                    or (isinstance(mod, MAPHead) and p_name == "probe"))
+            (no_decay if skip else decay).append(p)
+    return decay, no_decay
+
+
+def param_groups(model: LIMoEModel) -> list[dict]:
+    """Optimizer groups: decay / no_decay, then expert parameters split into DeepSpeed's MoE groups."""
+    decay, no_decay = weight_decay_split(model)
+    groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def build_engine(model: LIMoEModel, ds_config: dict):
+    """deepspeed.initialize with our parameter groups; the optimizer comes from the JSON."""
+    with contextlib.redirect_stdout(sys.stderr):
+        engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups(model),
+                                                       config=ds_config)
+    return engine, scheduler
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True iff ``t`` is finite on EVERY rank (so that all ranks skip a step together)."""
+    flag = torch.tensor([0.0 if torch.isfinite(t).all() else 1.0], device=t.device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+def mean_over_ranks(values: dict[str, float], device=None) -> dict[str, float]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / dist.get_world_size()).tolist()))
+
+
+@dataclass
+class StepResult:
+    skipped: bool
+    loss: float
+    contrastive: float
+    aux: dict[str, float]
+    routing_stats: dict[str, torch.Tensor]
+
+
+def train_step(engine, batch: dict[str, torch.Tensor]) -> StepResult:
+    """One optimizer step. A non-finite loss on any rank skips the step on every rank."""
+    device = engine.device
+    out = engine(batch["images"].to(device), batch["tokens"].to(device))
+    contrastive = gathered_contrastive_loss(out.image_emb, out.text_emb, out.logit_scale)
+    loss = contrastive + sum(out.aux_losses.values())
+    if not all_finite(loss.detach()):
+        return StepResult(True, float("nan"), float("nan"), {}, out.routing_stats)
+    engine.backward(loss)
+    engine.step()
+    engine.module.clamp_logit_scale_()
+    return StepResult(False, loss.item(), contrastive.item(), {k: v.item() for k, v in out.aux_losses.items()},
+                      out.routing_stats)
+
+
+@torch.no_grad()
+def evaluate_contrastive(model: nn.Module, loader, *, max_batches: int = 0) -> dict[str, float]:
+    """Held-out contrastive loss (dropless routing), mean over all validation pairs of all ranks.
+
+    Each eval batch's loss is the symmetric InfoNCE within that batch (batch = eval.batch_size
+    pairs on one rank; the last batch may be smaller). Expert-parallel ranks must run the same
+    number of forward passes (the all-to-all), so ranks walk the data in lockstep: a rank that has
+    run out forwards a copy of its first batch, with weight 0.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of loss * pairs, pairs
+    it, spare, n = iter(loader), None, 0
+    while max_batches == 0 or n < max_batches:
+        batch = next(it, None)
+        if not _any_rank(batch is not None, device):
+            break
+        weight = 1.0 if batch is not None else 0.0
+        batch = batch if batch is not None else spare
+        spare = spare or batch
+        if batch is None:
+            raise RuntimeError("evaluation: this rank has no validation batch at all; use fewer ranks")
+        out = model(batch["images"].to(device), batch["tokens"].to(device))
+        B = out.image_emb.shape[0]
+        total += weight * torch.tensor([contrastive_loss(out.image_emb, out.text_emb, out.logit_scale).item() * B, B],
+                                       dtype=torch.float64, device=device)
+        n += 1
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    model.train(was_training)
+    return {"val/contrastive": (total[0] / total[1]).item() if total[1] else math.nan, "val/pairs": int(total[1])}
+
+
+def _any_rank(flag: bool, device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0

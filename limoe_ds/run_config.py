@@ -1,0 +1,302 @@
+"""The run configuration: a DeepSpeed JSON whose ``"limoe"`` block configures everything else.
+
+    {"train_batch_size": 64, "train_micro_batch_size_per_gpu": 32, "optimizer": {...}, ...,
+     "limoe": {"model": {"preset": "tiny", ...overrides}, "parallel": {...}, "data": {...},
+               "train": {...}, "eval": {...}, "logging": {...}}}
+
+Merge order: the file, then dotted ``--set key=value`` overrides (``data.train=/path``,
+``train.steps=200``, ``model.moe.capacity_factor=1.25``; values parsed as YAML scalars/lists).
+Everything is validated here, before any process group starts: unknown keys, wrong types, batch
+arithmetic against DeepSpeed's keys, the parallel layout against the world size, the model
+(image size vs patch size), missing data. Errors are ``ConfigError`` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from limoe_ds.config import ModelConfig, config_from_dict, get_preset
+from limoe_ds.data.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A user-fixable configuration error; the message names the key and the fix."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    expert_parallel_size: int = 1
+    """Ranks that shard each MoE layer's experts (DeepSpeed-MoE); divides the data-parallel size."""
+    tensor_parallel_size: int = 1
+    """Megatron-style tensor parallelism (issue #6); only 1 is supported so far."""
+    world_size: int | None = None
+    """The number of ranks this config is written for (checked at start); None = any."""
+
+    def __post_init__(self) -> None:
+        for k in ("expert_parallel_size", "tensor_parallel_size"):
+            v = getattr(self, k)
+            _check(isinstance(v, int) and v >= 1, f"parallel.{k}", f"must be an int >= 1, got {v!r}")
+        _check(self.world_size is None or (isinstance(self.world_size, int) and self.world_size >= 1),
+               "parallel.world_size", f"must be null or an int >= 1, got {self.world_size!r}")
+        _check(self.tensor_parallel_size == 1, "parallel.tensor_parallel_size",
+               "tensor parallelism is not implemented yet (issue #6); set it to 1")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int
+    """Optimizer steps to train for (the LR schedule's length too)."""
+    seed: int = 0
+    """Seeds model init and router noise (per rank: seed + rank)."""
+    run_dir: str = "runs/default"
+    """Checkpoints, TensorBoard logs, metrics.jsonl and the resolved config go here."""
+    save_every: int = 0
+    """Save a checkpoint every N steps (0 = only at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept; older complete ones are deleted after a successful save."""
+    log_every: int = 10
+    max_consecutive_nonfinite: int = 5
+    """A non-finite loss skips the step; this many in a row stops the run."""
+    activation_checkpointing: bool = False
+    """Recompute each block in the backward pass (same router noise: RNG state is replayed)."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.steps, int) and self.steps >= 1, "train.steps", f"must be an int >= 1, got {self.steps!r}")
+        for k in ("save_every", "log_every", "max_consecutive_nonfinite", "keep_last"):
+            v = getattr(self, k)
+            _check(isinstance(v, int) and v >= 0, f"train.{k}", f"must be an int >= 0, got {v!r}")
+        _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    every: int = 0
+    """Held-out contrastive loss every N steps (0 = only at the end)."""
+    batch_size: int = 64
+    """Per-rank evaluation batch size."""
+    max_batches: int = 0
+    """Cap on validation batches per evaluation (0 = the whole split)."""
+
+    def __post_init__(self) -> None:
+        for k in ("every", "batch_size", "max_batches"):
+            v = getattr(self, k)
+            _check(isinstance(v, int) and v >= 0, f"eval.{k}", f"must be an int >= 0, got {v!r}")
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """The resolved "limoe" block plus the DeepSpeed keys it was checked against."""
+
+    model: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig
+    tokenizer: str
+    """Path to tokenizer.json (tools/train_tokenizer.py); its vocabulary must fit model.vocab_size."""
+    train: TrainConfig
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """The DeepSpeed JSON without the "limoe" block, batch keys and schedule completed."""
+
+    @property
+    def micro_batch_size(self) -> int:
+        return int(self.deepspeed["train_micro_batch_size_per_gpu"])
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        ds = d.pop("deepspeed")
+        return {**ds, "limoe": d}
+
+
+_SECTIONS = {"model", "parallel", "data", "tokenizer", "train", "eval", "logging"}
+
+
+def _typed(cls: type, d: Any, key: str):
+    _check(isinstance(d, Mapping), key, f"must be a mapping, got {type(d).__name__}")
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - valid)
+    _check(not unknown, f"{key}.{unknown[0] if unknown else ''}", f"unknown key; valid keys are {sorted(valid)}")
+    try:
+        return cls(**d)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e) if str(e).startswith(key) else f"{key}: {e}") from None
+
+
+def _model_config(d: Mapping[str, Any]) -> ModelConfig:
+    d = dict(d)
+    preset = d.pop("preset", None)
+    try:
+        if preset is None:
+            return config_from_dict(d)
+        base = get_preset(preset).to_dict()
+        if isinstance(d.get("moe"), Mapping) and base.get("moe") is not None:
+            d["moe"] = {**base["moe"], **d["moe"]}
+        return config_from_dict({**base, **d})
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(("model", "moe")) else f"model: {msg}") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to the "limoe" block (``ds.KEY=value`` targets DeepSpeed's keys)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        _check("=" in item, "--set", f"expected KEY=VALUE, got {item!r}")
+        dotted, value = item.split("=", 1)
+        path = dotted.split(".")
+        node = raw if path[0] == "ds" else raw.setdefault("limoe", {})
+        path = path[1:] if path[0] == "ds" else path
+        _check(all(path), "--set", f"bad key {dotted!r}")
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            _check(isinstance(node, dict), "--set", f"{dotted}: {p} is not a section")
+        node[path[-1]] = yaml.safe_load(value) if value else ""
+    return raw
+
+
+def _check_batch_keys(ds: dict[str, Any], dp: int) -> None:
+    """train_batch_size = micro * grad_accum * dp, stated once: missing keys are derived."""
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    gas = ds.get("gradient_accumulation_steps", 1)
+    _check(isinstance(micro, int) and micro >= 1, "train_micro_batch_size_per_gpu",
+           "must be set to an int >= 1 (per-rank batch of image-text pairs)")
+    # A contrastive loss needs all negatives in one step: accumulating micro-batches would
+    # change the loss (each micro-batch only sees its own negatives). We reject it rather than
+    # silently train a different objective; scale the batch with more data-parallel ranks.
+    _check(gas == 1, "gradient_accumulation_steps",
+           f"must be 1 for the contrastive loss (got {gas}): each micro-batch would only see its own negatives; "
+           f"raise train_micro_batch_size_per_gpu or the number of data-parallel ranks instead")
+    expected = micro * gas * dp
+    got = ds.get("train_batch_size", expected)
+    _check(got == expected, "train_batch_size",
+           f"{got} != train_micro_batch_size_per_gpu ({micro}) x gradient_accumulation_steps ({gas}) x "
+           f"data-parallel size ({dp}) = {expected}; fix one of them or drop train_batch_size")
+    ds["train_batch_size"], ds["gradient_accumulation_steps"] = expected, gas
+
+
+def _check_schedule(ds: dict[str, Any], steps: int) -> None:
+    sched = ds.get("scheduler")
+    if not sched:
+        return
+    params = sched.setdefault("params", {})
+    total = params.get("total_num_steps")
+    if total is None:
+        if sched.get("type") in ("WarmupCosineLR", "WarmupDecayLR"):
+            params["total_num_steps"] = steps
+    else:
+        _check(total == steps, "scheduler.params.total_num_steps",
+               f"{total} != train.steps ({steps}); drop it (it is derived from train.steps) or make them equal")
+    warm = params.get("warmup_num_steps", 0)
+    _check(isinstance(warm, int) and 0 <= warm <= steps, "scheduler.params.warmup_num_steps",
+           f"must be an int in [0, train.steps={steps}], got {warm!r}")
+
+
+def _check_zero(ds: dict[str, Any], ep: int) -> None:
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    _check(stage in (0, 1, 2), "zero_optimization.stage",
+           f"{stage} is not supported: DeepSpeed's native MoE refuses ZeRO-3; use stage 1 or 2")
+    # DeepSpeed 0.19.8's ZeRO-0 clipping (runtime/utils.py clip_grad_norm_) AVERAGES each rank's
+    # norm over data-parallel ranks; with sharded experts each rank's norm covers different
+    # experts, so it clips with a wrong norm (tests/test_distributed.py). ZeRO 1/2 are exact.
+    _check(not (stage == 0 and ep > 1 and ds.get("gradient_clipping", 0) > 0), "zero_optimization.stage",
+           "stage 0 with gradient_clipping and expert_parallel_size > 1 clips by a wrong gradient norm in "
+           "DeepSpeed 0.19.8 (it averages per-rank norms); use stage 1 or 2, or gradient_clipping 0")
+
+
+def _check_paths(cfg: RunConfig) -> None:
+    _check(len(cfg.data.train) > 0, "data.train", "no training data; set data.train=/path/to/shards "
+           "(the bundled set: python tools/build_mini_dataset.py, then data/mini/train)")
+    for i, src in enumerate(cfg.data.train):
+        _check_path_exists(src.paths, f"data.train[{i}]")
+    if cfg.data.val is not None:
+        _check_path_exists(cfg.data.val.paths, "data.val")
+    _check(Path(cfg.tokenizer).is_file(), "tokenizer",
+           f"{cfg.tokenizer!r} does not exist; train one with tools/train_tokenizer.py")
+
+
+def _check_path_exists(paths: list[str], key: str) -> None:
+    import glob
+    from limoe_ds.data.sources import expand_braces
+    for p in paths:
+        found = [q for pat in expand_braces(p) for q in (glob.glob(pat) or ([pat] if os.path.exists(pat) else []))]
+        _check(bool(found), key, f"{p!r} matches no file or directory")
+
+
+def resolve(raw: dict[str, Any], *, world_size: int, check_paths: bool = True) -> RunConfig:
+    """Validate a DeepSpeed JSON with its "limoe" block for ``world_size`` ranks."""
+    raw = copy.deepcopy(raw)
+    block = raw.pop("limoe", None)
+    _check(isinstance(block, Mapping), "limoe", "the DeepSpeed config needs a \"limoe\" block (see ds_configs/tiny.json)")
+    unknown = sorted(set(block) - _SECTIONS)
+    _check(not unknown, f"limoe.{unknown[0] if unknown else ''}", f"unknown section; valid ones are {sorted(_SECTIONS)}")
+    for required in ("model", "data", "tokenizer", "train"):
+        _check(required in block, f"limoe.{required}", "is required")
+    model = _model_config(block["model"])
+    parallel = _typed(ParallelConfig, block.get("parallel", {}), "parallel")
+    train = _typed(TrainConfig, block["train"], "train")
+    data = _typed(DataConfig, block["data"], "data")
+    cfg = RunConfig(model=model, parallel=parallel, data=data, tokenizer=str(block["tokenizer"]), train=train,
+                    eval=_typed(EvalConfig, block.get("eval", {}), "eval"),
+                    logging=_typed(LoggingConfig, block.get("logging", {}), "logging"), deepspeed=raw)
+    _check_layout(cfg, world_size)
+    dp = world_size // parallel.tensor_parallel_size
+    _check_batch_keys(raw, dp)
+    _check_schedule(raw, train.steps)
+    _check_zero(raw, parallel.expert_parallel_size)
+    if check_paths:
+        _check_paths(cfg)
+    return cfg
+
+
+def _check_layout(cfg: RunConfig, world_size: int) -> None:
+    tp, ep = cfg.parallel.tensor_parallel_size, cfg.parallel.expert_parallel_size
+    want = cfg.parallel.world_size
+    _check(want is None or want == world_size, "parallel.world_size",
+           f"this config is written for {want} ranks but {world_size} were launched; launch {want} "
+           f"(e.g. deepspeed --num_gpus/--num_nodes) or --set parallel.world_size={world_size} after checking the batch")
+    _check(world_size % tp == 0, "parallel.tensor_parallel_size",
+           f"world size {world_size} is not divisible by tp={tp}")
+    dp = world_size // tp
+    _check(dp % ep == 0, "parallel.expert_parallel_size",
+           f"ep={ep} does not divide the data-parallel size {dp} (world {world_size} / tp {tp}); "
+           f"use an ep that divides {dp} or change the number of ranks")
+    if cfg.model.moe is not None:
+        E = cfg.model.moe.num_experts
+        _check(E % ep == 0, "parallel.expert_parallel_size",
+               f"ep={ep} does not divide model.moe.num_experts={E}; use a divisor of {E}")
+    else:
+        _check(ep == 1, "parallel.expert_parallel_size", "the model has no MoE layer (dense twin); set it to 1")
+
+
+def load(path: str | os.PathLike, overrides: list[str] | None = None, *, world_size: int,
+         check_paths: bool = True) -> RunConfig:
+    p = Path(path)
+    _check(p.is_file(), "--deepspeed_config", f"{str(p)!r} does not exist")
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed_config: {p} is not valid JSON ({e})") from None
+    return resolve(apply_overrides(raw, overrides or []), world_size=world_size, check_paths=check_paths)

@@ -1,0 +1,282 @@
+"""Pretraining: ``deepspeed launch/pretrain.py --deepspeed_config ds_configs/tiny.json [--set k=v ...]``.
+
+Validates the whole configuration before any process group starts (exit status 2 with a one-line
+message naming the key), then trains with DeepSpeed (ZeRO 0-2, expert parallelism), saves atomic
+checkpoints, logs to TensorBoard and ``metrics.jsonl``, and ends with a summary on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from limoe_ds import checkpoint, run_config
+from limoe_ds.dist_env import world_from_env
+from limoe_ds.data import DataError, Tokenizer, build_eval_loader, build_train_loader
+from limoe_ds.moe import diagnostics
+from limoe_ds.run_config import ConfigError, RunConfig
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="launch/pretrain.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON with a \"limoe\" block")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="dotted overrides of the limoe block, e.g. train.steps=200 data.train=/shards (ds.KEY for DeepSpeed keys)")
+    ap.add_argument("--resume", default="auto", help="auto (latest complete checkpoint in run_dir, if any), none, or a checkpoint dir")
+    ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    return ap.parse_args(argv)
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(msg: str) -> None:
+    """The project's own output: rank 0 only."""
+    if is_main():
+        print(msg, flush=True)
+
+
+class MetricsLog:
+    """TensorBoard scalars + metrics.jsonl, rank 0 only."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+        self.enabled = is_main()
+        self.writer = None
+        if self.enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(run_dir / "metrics.jsonl", "a")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for k, v in scalars.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+@dataclass
+class Window:
+    """What happened since the last log line (summed over steps; routing counts summed over ranks later)."""
+
+    steps: int = 0
+    losses: dict[str, float] = field(default_factory=dict)
+    routing: dict[str, torch.Tensor] = field(default_factory=dict)
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, r, contrastive: float) -> None:
+        self.steps += 1
+        for k, v in {"loss/total": r.loss, "loss/contrastive": contrastive, **{f"aux/{k}": v for k, v in r.aux.items()}}.items():
+            self.losses[k] = self.losses.get(k, 0.0) + v
+        diagnostics.accumulate(self.routing, r.routing_stats)
+
+
+def routing_scalars(routing: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Sum routing counts over ranks, then per layer/modality success rate and dropped tokens."""
+    if dist.is_initialized() and routing:
+        keys = sorted(k for k in routing if not k.endswith("/capacity"))
+        flat = torch.cat([routing[k].reshape(-1) for k in keys]).double()
+        dist.all_reduce(flat)
+        sizes = [routing[k].numel() for k in keys]
+        routing = {**routing, **{k: v.view_as(routing[k]).float() for k, v in zip(keys, flat.split(sizes))}}
+    out = {}
+    for layer, s in diagnostics.summarize(routing).items():
+        for m in ("image", "text"):
+            out[f"routing/{layer}/{m}/success_rate"] = s[m]["success_rate"]
+            out[f"routing/{layer}/{m}/dropped_tokens"] = s[m]["dropped_tokens"]
+            out[f"routing/{layer}/{m}/entropy_of_mean"] = s[m]["entropy_of_mean"]
+    return out
+
+
+def _build(cfg: RunConfig, rank: int, world: int):
+    from limoe_ds.engine import Layout, build_engine
+    from limoe_ds.model import build_model
+    layout = Layout(rank=rank, world_size=world, ep=cfg.parallel.expert_parallel_size)
+    tokenizer = Tokenizer.from_file(cfg.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"tokenizer: vocabulary {tokenizer.vocab_size} > model.vocab_size {cfg.model.vocab_size}; "
+                          f"train a smaller tokenizer or raise model.vocab_size")
+    model = build_model(cfg.model, ep_size=layout.ep, ep_rank=layout.ep_rank, seed=cfg.train.seed)
+    if cfg.train.activation_checkpointing:
+        model.activation_checkpointing = True
+    torch.manual_seed(cfg.train.seed * 1000 + rank)  # router noise: independent per rank
+    engine, scheduler = build_engine(model, cfg.deepspeed)
+    mb = cfg.micro_batch_size
+    train_loader = build_train_loader(cfg.data, image_size=cfg.model.image_size, tokenizer=tokenizer,
+                                      text_len=cfg.model.text_len, batch_size=mb, dp_rank=layout.dp_rank,
+                                      dp_size=layout.dp)
+    val_loader = None
+    if cfg.data.val is not None:
+        val_loader = build_eval_loader(cfg.data, image_size=cfg.model.image_size, tokenizer=tokenizer,
+                                       text_len=cfg.model.text_len, batch_size=cfg.eval.batch_size,
+                                       dp_rank=layout.dp_rank, dp_size=layout.dp)
+    return layout, engine, scheduler, train_loader, val_loader
+
+
+def _resume(engine, loader, ckpt_root: Path, resume: str) -> tuple[int, dict | None]:
+    """Load model, optimizer and data position; the RNG state is returned for the caller to set
+    once the data iterator exists (creating it draws from torch's RNG)."""
+    if resume == "none":
+        return 0, None
+    path = checkpoint.find_latest(ckpt_root) if resume == "auto" else Path(resume)
+    if path is None:
+        return 0, None
+    step, rank_state = checkpoint.load(engine, path)
+    loader.load_state_dict(rank_state["data"])
+    log(f"resumed from {path} at step {step}")
+    return step, rank_state["rng"]
+
+
+def _save(engine, loader, ckpt_root: Path, step: int, cfg: RunConfig) -> Path:
+    def rank_state():
+        return {"rng": checkpoint.rng_state(), "data": loader.state_dict(), "step": step}
+    return checkpoint.save(engine, ckpt_root, step, rank_state=rank_state,
+                           meta={"preset": cfg.model.name, "data_skips": loader.skip_counts()},
+                           keep_last=cfg.train.keep_last)
+
+
+def train(cfg: RunConfig, *, rank: int, world: int, resume: str = "auto") -> dict:
+    from limoe_ds.engine import evaluate_contrastive, mean_over_ranks, train_step
+    run_dir = Path(cfg.train.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    layout, engine, scheduler, loader, val_loader = _build(cfg, rank, world)
+    if is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_text(run_dir / "resolved_config.json", json.dumps(cfg.to_dict(), indent=1, default=str))
+    start, rng = _resume(engine, loader, ckpt_root, resume)
+    metrics = MetricsLog(run_dir, cfg.logging.tensorboard)
+    bar = _progress(cfg, start)
+    window, nonfinite, skipped_total, losses = Window(), 0, 0, []
+    samples_per_step = cfg.micro_batch_size * layout.dp
+    tokens_per_sample = cfg.model.num_patches + cfg.model.text_len
+    data = iter(loader)
+    if rng is not None:
+        checkpoint.set_rng_state(rng)  # after iter(): a DataLoader iterator draws its base seed from torch's RNG
+    step = start
+    while step < cfg.train.steps:
+        r = train_step(engine, next(data))
+        if r.skipped:
+            nonfinite += 1
+            skipped_total += 1
+            log(f"step {step + 1}: non-finite loss on some rank; step skipped ({nonfinite} in a row)")
+            if nonfinite >= cfg.train.max_consecutive_nonfinite:
+                raise RuntimeError(f"{nonfinite} consecutive non-finite losses (train.max_consecutive_nonfinite); "
+                                   f"stopping. Lower the learning rate or resume from {checkpoint.find_latest(ckpt_root)}")
+            continue
+        nonfinite = 0
+        step += 1
+        losses.append(r.contrastive)
+        window.add(r, r.contrastive)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{r.loss:.4f}")
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            _log_window(metrics, window, step, engine, scheduler, loader, samples_per_step, tokens_per_sample,
+                        skipped_total, mean_over_ranks)
+            window = Window()
+        if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps and val_loader is not None:
+            metrics.write(step, evaluate_contrastive(engine.module, val_loader, max_batches=cfg.eval.max_batches))
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.steps:
+            _save(engine, loader, ckpt_root, step, cfg)
+    if bar is not None:
+        bar.close()
+    summary = _final(cfg, engine, val_loader, metrics, step, start, losses, loader, skipped_total, ckpt_root, run_dir)
+    metrics.close()
+    return summary
+
+
+def _progress(cfg: RunConfig, start: int):
+    if not (is_main() and cfg.logging.progress_bar):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
+
+
+def _log_window(metrics, window, step, engine, scheduler, loader, samples_per_step, tokens_per_sample, skipped,
+                mean_over_ranks):
+    elapsed = time.perf_counter() - window.t0
+    scalars = mean_over_ranks({k: v / window.steps for k, v in window.losses.items()})
+    scalars.update(routing_scalars(window.routing))
+    grad_norm = engine.get_global_grad_norm()
+    scalars.update({
+        "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+        "train/lr": scheduler.get_last_lr()[0] if scheduler is not None else engine.get_lr()[0],
+        "train/temperature": engine.module.logit_scale.exp().item(),
+        "train/samples_per_s": window.steps * samples_per_step / elapsed,
+        "train/tokens_per_s": window.steps * samples_per_step * tokens_per_sample / elapsed,
+        "train/skipped_steps": skipped,
+        **{f"data/skipped/{k}": v for k, v in _sum_counts(loader.skip_counts()).items()},
+    })
+    metrics.write(step, scalars)
+
+
+def _sum_counts(counts: dict[str, int]) -> dict[str, int]:
+    if not dist.is_initialized():
+        return counts
+    keys = sorted(counts)
+    t = torch.tensor([counts[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: int(v) for k, v in zip(keys, t.tolist())}
+
+
+def _final(cfg, engine, val_loader, metrics, step, start, losses, loader, skipped, ckpt_root, run_dir) -> dict:
+    from limoe_ds.engine import evaluate_contrastive
+    val = evaluate_contrastive(engine.module, val_loader, max_batches=cfg.eval.max_batches) if val_loader else {}
+    if val:
+        metrics.write(step, val)
+    summary = {"steps": step, "resumed_from_step": start, "final_train_contrastive": losses[-1] if losses else None,
+               **val, "skipped_steps": skipped, "data_skips": {k: v for k, v in _sum_counts(loader.skip_counts()).items() if v},
+               "checkpoint": str(checkpoint.find_latest(ckpt_root)), "tensorboard": str(run_dir / "tensorboard"),
+               "metrics": str(run_dir / "metrics.jsonl"), "losses": losses}
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank, world = world_from_env()
+    try:
+        cfg = run_config.load(args.deepspeed_config, args.set, world_size=world)
+    except (ConfigError, DataError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        else:  # every rank finds the same error; the launcher kills all ranks at the first exit,
+            time.sleep(3)  # so let rank 0 print it first
+        return 2
+    from limoe_ds.engine import init_distributed  # imports DeepSpeed: only after validation
+    init_distributed()
+    try:
+        summary = train(cfg, rank=rank, world=world, resume=args.resume)
+    except (ConfigError, DataError) as e:
+        print(f"error (rank {rank}): {e}", file=sys.stderr)
+        return 2
+    if is_main():
+        printable = {k: v for k, v in summary.items() if k != "losses"}
+        print(json.dumps(printable, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
