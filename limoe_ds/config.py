@@ -13,12 +13,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from limoe_ds.validate import check as _check, reject_unknown
+
 MODALITIES = ("image", "text")
-
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"{key}: {msg}")
 
 
 def _per_modality(value: Any, key: str) -> dict[str, float]:
@@ -158,11 +155,8 @@ class ModelConfig:
 def config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
     """Build a ModelConfig from a plain dict, rejecting unknown keys with the list of valid ones."""
     d = dict(d)
-    for cls, sub, key in ((ModelConfig, d, "model"), (MoEConfig, d.get("moe") or {}, "moe")):
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(sub) - valid
-        _check(not unknown, f"{key}.{sorted(unknown)[0] if unknown else ''}",
-               f"unknown key; valid keys are {sorted(valid)}")
+    reject_unknown(ModelConfig, d, "model")
+    reject_unknown(MoEConfig, d.get("moe") or {}, "moe")
     if d.get("moe") is not None:
         d["moe"] = MoEConfig(**d["moe"])
     return ModelConfig(**d)

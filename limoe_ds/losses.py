@@ -32,7 +32,7 @@ class _GatherWithGrad(torch.autograd.Function):
         import torch.distributed as dist
         ctx.group, ctx.rank, ctx.B = group, dist.get_rank(group), x_BK.shape[0]
         out = x_BK.new_empty((dist.get_world_size(group) * ctx.B, *x_BK.shape[1:]))
-        dist.all_gather_into_tensor(out, x_BK.contiguous(), group=group)
+        dist.all_gather_single(out, x_BK.contiguous(), group=group)
         return out
 
     @staticmethod

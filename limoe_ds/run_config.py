@@ -25,15 +25,9 @@ import yaml
 
 from limoe_ds.config import ModelConfig, config_from_dict, get_preset
 from limoe_ds.data.config import DataConfig
+from limoe_ds.validate import ConfigError, check as _check, reject_unknown
 
 
-class ConfigError(ValueError):
-    """A user-fixable configuration error; the message names the key and the fix."""
-
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
 
 
 @dataclass(kw_only=True)
@@ -134,9 +128,7 @@ _SECTIONS = {"model", "parallel", "data", "tokenizer", "train", "eval", "logging
 
 def _typed(cls: type, d: Any, key: str):
     _check(isinstance(d, Mapping), key, f"must be a mapping, got {type(d).__name__}")
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - valid)
-    _check(not unknown, f"{key}.{unknown[0] if unknown else ''}", f"unknown key; valid keys are {sorted(valid)}")
+    reject_unknown(cls, d, key)
     try:
         return cls(**d)
     except ConfigError:

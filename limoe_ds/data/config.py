@@ -9,18 +9,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from limoe_ds.validate import check as _check, reject_unknown as _reject_unknown
+
 FORMATS = ("auto", "webdataset", "parquet", "arrow", "folder")
-
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"{key}: {msg}")
-
-
-def _reject_unknown(cls: type, d: Mapping[str, Any], key: str) -> None:
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - valid)
-    _check(not unknown, f"{key}.{unknown[0] if unknown else ''}", f"unknown key; valid keys are {sorted(valid)}")
 
 
 @dataclass(kw_only=True)
