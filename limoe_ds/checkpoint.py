@@ -96,7 +96,8 @@ def save(engine, ckpt_root: Path, step: int, *, rank_state: Callable[[], dict[st
     _barrier()
     if _rank() == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
-        atomic_write_text(partial / MARKER, json.dumps({"step": step, "world_size": world, **meta}, indent=1))
+        atomic_write_text(partial / MARKER, json.dumps({"step": step, "world_size": world, **meta}, indent=1,
+                                                       default=str))
         if final.exists():  # re-saving a step (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.replace(partial, final)

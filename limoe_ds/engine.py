@@ -67,8 +67,20 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    with contextlib.redirect_stdout(sys.stderr):
+    with _deepspeed_chatter(int(os.environ["RANK"])):
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+@contextlib.contextmanager
+def _deepspeed_chatter(rank: int):
+    """DeepSpeed prints set-up chatter to stdout on every rank: rank 0's goes to stderr, the other
+    ranks' is dropped (their warnings and errors still reach stderr through DeepSpeed's logger)."""
+    if rank == 0:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
 
 
 NO_DECAY_PARAMS = ("logit_scale", "token_embed.weight", "image_pos", "text_pos")
@@ -95,7 +107,7 @@ def param_groups(model: LIMoEModel) -> list[dict]:
 
 def build_engine(model: LIMoEModel, ds_config: dict):
     """deepspeed.initialize with our parameter groups; the optimizer comes from the JSON."""
-    with contextlib.redirect_stdout(sys.stderr):
+    with _deepspeed_chatter(dist.get_rank() if dist.is_initialized() else 0):
         engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups(model),
                                                        config=ds_config)
     return engine, scheduler

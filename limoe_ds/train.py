@@ -153,7 +153,8 @@ def _save(engine, loader, ckpt_root: Path, step: int, cfg: RunConfig) -> Path:
     def rank_state():
         return {"rng": checkpoint.rng_state(), "data": loader.state_dict(), "step": step}
     return checkpoint.save(engine, ckpt_root, step, rank_state=rank_state,
-                           meta={"preset": cfg.model.name, "data_skips": loader.skip_counts()},
+                           meta={"preset": cfg.model.name, "data_skips": loader.skip_counts(),
+                                 "config": cfg.to_dict()},
                            keep_last=cfg.train.keep_last)
 
 
@@ -168,7 +169,8 @@ def train(cfg: RunConfig, *, rank: int, world: int, resume: str = "auto") -> dic
     start, rng = _resume(engine, loader, ckpt_root, resume)
     metrics = MetricsLog(run_dir, cfg.logging.tensorboard)
     bar = _progress(cfg, start)
-    window, nonfinite, skipped_total, losses = Window(), 0, 0, []
+    window, nonfinite, skipped_total, losses, last = Window(), 0, 0, [], {}
+    t_start = time.perf_counter()
     samples_per_step = cfg.micro_batch_size * layout.dp
     tokens_per_sample = cfg.model.num_patches + cfg.model.text_len
     data = iter(loader)
@@ -193,8 +195,8 @@ def train(cfg: RunConfig, *, rank: int, world: int, resume: str = "auto") -> dic
             bar.update(1)
             bar.set_postfix(loss=f"{r.loss:.4f}")
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            _log_window(metrics, window, step, engine, scheduler, loader, samples_per_step, tokens_per_sample,
-                        skipped_total, mean_over_ranks)
+            last = _log_window(metrics, window, step, engine, scheduler, loader, samples_per_step, tokens_per_sample,
+                               skipped_total, mean_over_ranks)
             window = Window()
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps and val_loader is not None:
             metrics.write(step, evaluate_contrastive(engine.module, val_loader, max_batches=cfg.eval.max_batches))
@@ -202,7 +204,11 @@ def train(cfg: RunConfig, *, rank: int, world: int, resume: str = "auto") -> dic
             _save(engine, loader, ckpt_root, step, cfg)
     if bar is not None:
         bar.close()
+    train_seconds = time.perf_counter() - t_start
     summary = _final(cfg, engine, val_loader, metrics, step, start, losses, loader, skipped_total, ckpt_root, run_dir)
+    summary["train_samples_per_s"] = round((step - start) * samples_per_step / train_seconds, 1) if step > start else None
+    summary["routing_success_last_window"] = {k[len("routing/"):-len("/success_rate")]: round(v, 4)
+                                              for k, v in last.items() if k.endswith("/success_rate")}
     metrics.close()
     return summary
 
@@ -230,6 +236,7 @@ def _log_window(metrics, window, step, engine, scheduler, loader, samples_per_st
         **{f"data/skipped/{k}": v for k, v in _sum_counts(loader.skip_counts()).items()},
     })
     metrics.write(step, scalars)
+    return scalars
 
 
 def _sum_counts(counts: dict[str, int]) -> dict[str, int]:

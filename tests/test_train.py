@@ -130,6 +130,12 @@ def test_smoke_run_trains_logs_and_checkpoints(smoke_run):
     assert any(f.name.startswith("events.out.tfevents") for f in (run_dir / "tensorboard").iterdir())
     resolved = json.loads((run_dir / "resolved_config.json").read_text())
     assert resolved["limoe"]["train"]["steps"] == 8 and resolved["train_batch_size"] == 64
+    marker = json.loads((run_dir / "checkpoints" / "step00000008" / checkpoint.MARKER).read_text())
+    assert marker["step"] == 8 and marker["config"]["limoe"]["train"]["steps"] == 8
+    assert summary["train_samples_per_s"] > 0
+    success = summary["routing_success_last_window"]
+    assert set(success) == {"layer1/image", "layer1/text", "layer3/image", "layer3/text"}
+    assert all(0 < v <= 1 for v in success.values())
 
 
 def test_golden_loss_curve(smoke_run):
@@ -282,3 +288,20 @@ def test_resume_after_kill_9_continues_bitwise(tmp_path):
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     assert [a[s] for s in a] == [b[s] for s in a]  # bitwise: same data, RNG, optimizer state
+
+
+def test_weight_decay_only_on_matrices_and_experts_in_moe_groups():
+    from limoe_ds.engine import param_groups, weight_decay_split
+    from limoe_ds.model import build_model
+    model = build_model("tiny")
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = weight_decay_split(model)
+    no_decay_names = {names[id(p)] for p in no_decay}
+    assert {"logit_scale", "token_embed.weight", "image_pos", "text_pos", "final_ln.weight",
+            "blocks.0.ln1.bias", "image_head.bias"} <= no_decay_names
+    assert all(names[id(p)].endswith("weight") and p.dim() >= 2 for p in decay)
+    assert "blocks.1.ffn.deepspeed_moe.gate.wg.weight" in {names[id(p)] for p in decay}
+    groups = param_groups(model)
+    moe_groups = [g for g in groups if g.get("moe")]
+    assert moe_groups and all("deepspeed_experts" in names[id(p)] for g in moe_groups for p in g["params"])
+    assert {g["weight_decay"] for g in groups if g["name"].startswith("no_decay")} == {0.0}
