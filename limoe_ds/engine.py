@@ -9,7 +9,6 @@ temperature; MoE experts in their own groups, as DeepSpeed-MoE requires) and cal
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ with contextlib.redirect_stdout(sys.stderr):
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-from limoe_ds.losses import contrastive_loss, gathered_contrastive_loss
+from limoe_ds.losses import gathered_contrastive_loss
 from limoe_ds.model.limoe import LIMoEModel, MAPHead
 
 
@@ -151,44 +150,3 @@ def train_step(engine, batch: dict[str, torch.Tensor]) -> StepResult:
     engine.module.clamp_logit_scale_()
     return StepResult(False, loss.item(), contrastive.item(), {k: v.item() for k, v in out.aux_losses.items()},
                       out.routing_stats)
-
-
-@torch.no_grad()
-def evaluate_contrastive(model: nn.Module, loader, *, max_batches: int = 0) -> dict[str, float]:
-    """Held-out contrastive loss (dropless routing), mean over all validation pairs of all ranks.
-
-    Each eval batch's loss is the symmetric InfoNCE within that batch (batch = eval.batch_size
-    pairs on one rank; the last batch may be smaller). Expert-parallel ranks must run the same
-    number of forward passes (the all-to-all), so ranks walk the data in lockstep: a rank that has
-    run out forwards a copy of its first batch, with weight 0.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of loss * pairs, pairs
-    it, spare, n = iter(loader), None, 0
-    while max_batches == 0 or n < max_batches:
-        batch = next(it, None)
-        if not _any_rank(batch is not None, device):
-            break
-        weight = 1.0 if batch is not None else 0.0
-        batch = batch if batch is not None else spare
-        spare = spare or batch
-        if batch is None:
-            raise RuntimeError("evaluation: this rank has no validation batch at all; use fewer ranks")
-        out = model(batch["images"].to(device), batch["tokens"].to(device))
-        B = out.image_emb.shape[0]
-        total += weight * torch.tensor([contrastive_loss(out.image_emb, out.text_emb, out.logit_scale).item() * B, B],
-                                       dtype=torch.float64, device=device)
-        n += 1
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    model.train(was_training)
-    return {"val/contrastive": (total[0] / total[1]).item() if total[1] else math.nan, "val/pairs": int(total[1])}
-
-
-def _any_rank(flag: bool, device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item() > 0

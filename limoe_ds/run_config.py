@@ -84,8 +84,13 @@ class EvalConfig:
     """Per-rank evaluation batch size."""
     max_batches: int = 0
     """Cap on validation batches per evaluation (0 = the whole split)."""
+    zero_shot: list[str] = field(default_factory=list)
+    """Zero-shot classification sets (directories written by tools/build_mini_dataset.py: labelled
+    image shards, classnames.txt, templates.txt, info.json)."""
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.zero_shot, list) and all(isinstance(z, str) for z in self.zero_shot),
+               "eval.zero_shot", f"must be a list of directories, got {self.zero_shot!r}")
         for k in ("every", "batch_size", "max_batches"):
             v = getattr(self, k)
             _check(isinstance(v, int) and v >= 0, f"eval.{k}", f"must be an int >= 0, got {v!r}")
@@ -225,6 +230,9 @@ def _check_paths(cfg: RunConfig) -> None:
         _check_path_exists(src.paths, f"data.train[{i}]")
     if cfg.data.val is not None:
         _check_path_exists(cfg.data.val.paths, "data.val")
+    for i, z in enumerate(cfg.eval.zero_shot):
+        _check(Path(z, "classnames.txt").is_file(), f"eval.zero_shot[{i}]",
+               f"{z!r} is not a zero-shot set (no classnames.txt); build one with tools/build_mini_dataset.py")
     _check(Path(cfg.tokenizer).is_file(), "tokenizer",
            f"{cfg.tokenizer!r} does not exist; train one with tools/train_tokenizer.py")
 

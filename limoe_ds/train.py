@@ -132,7 +132,27 @@ def _build(cfg: RunConfig, rank: int, world: int):
         val_loader = build_eval_loader(cfg.data, image_size=cfg.model.image_size, tokenizer=tokenizer,
                                        text_len=cfg.model.text_len, batch_size=cfg.eval.batch_size,
                                        dp_rank=layout.dp_rank, dp_size=layout.dp)
-    return layout, engine, scheduler, train_loader, val_loader
+    from limoe_ds.data.zeroshot import load_zeroshot_set
+    evaluator = Evaluator(val_loader, [load_zeroshot_set(z) for z in cfg.eval.zero_shot], tokenizer, layout,
+                          cfg.eval.max_batches)
+    return layout, engine, scheduler, train_loader, evaluator
+
+
+@dataclass
+class Evaluator:
+    """Held-out pairs (loss, retrieval) and zero-shot sets, dropless and at the training capacity."""
+
+    val_loader: object
+    zero_shot_sets: list
+    tokenizer: object
+    layout: object
+    max_batches: int
+
+    def __call__(self, model) -> dict[str, float]:
+        from limoe_ds.eval.run import evaluate
+        return evaluate(model, val_loader=self.val_loader, zero_shot_sets=self.zero_shot_sets,
+                        tokenizer=self.tokenizer, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp,
+                        max_batches=self.max_batches)
 
 
 def _resume(engine, loader, ckpt_root: Path, resume: str) -> tuple[int, dict | None]:
@@ -159,10 +179,10 @@ def _save(engine, loader, ckpt_root: Path, step: int, cfg: RunConfig) -> Path:
 
 
 def train(cfg: RunConfig, *, rank: int, world: int, resume: str = "auto") -> dict:
-    from limoe_ds.engine import evaluate_contrastive, mean_over_ranks, train_step
+    from limoe_ds.engine import mean_over_ranks, train_step
     run_dir = Path(cfg.train.run_dir)
     ckpt_root = run_dir / "checkpoints"
-    layout, engine, scheduler, loader, val_loader = _build(cfg, rank, world)
+    layout, engine, scheduler, loader, evaluator = _build(cfg, rank, world)
     if is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_text(run_dir / "resolved_config.json", json.dumps(cfg.to_dict(), indent=1, default=str))
@@ -198,14 +218,14 @@ def train(cfg: RunConfig, *, rank: int, world: int, resume: str = "auto") -> dic
             last = _log_window(metrics, window, step, engine, scheduler, loader, samples_per_step, tokens_per_sample,
                                skipped_total, mean_over_ranks)
             window = Window()
-        if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps and val_loader is not None:
-            metrics.write(step, evaluate_contrastive(engine.module, val_loader, max_batches=cfg.eval.max_batches))
+        if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
+            metrics.write(step, evaluator(engine.module))
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.steps:
             _save(engine, loader, ckpt_root, step, cfg)
     if bar is not None:
         bar.close()
     train_seconds = time.perf_counter() - t_start
-    summary = _final(cfg, engine, val_loader, metrics, step, start, losses, loader, skipped_total, ckpt_root, run_dir)
+    summary = _final(engine, evaluator, metrics, step, start, losses, loader, skipped_total, ckpt_root, run_dir)
     summary["train_samples_per_s"] = round((step - start) * samples_per_step / train_seconds, 1) if step > start else None
     summary["routing_success_last_window"] = {k[len("routing/"):-len("/success_rate")]: round(v, 4)
                                               for k, v in last.items() if k.endswith("/success_rate")}
@@ -248,16 +268,14 @@ def _sum_counts(counts: dict[str, int]) -> dict[str, int]:
     return {k: int(v) for k, v in zip(keys, t.tolist())}
 
 
-def _final(cfg, engine, val_loader, metrics, step, start, losses, loader, skipped, ckpt_root, run_dir) -> dict:
-    from limoe_ds.engine import evaluate_contrastive
-    val = evaluate_contrastive(engine.module, val_loader, max_batches=cfg.eval.max_batches) if val_loader else {}
-    if val:
-        metrics.write(step, val)
-    summary = {"steps": step, "resumed_from_step": start, "final_train_contrastive": losses[-1] if losses else None,
-               **val, "skipped_steps": skipped, "data_skips": {k: v for k, v in _sum_counts(loader.skip_counts()).items() if v},
-               "checkpoint": str(checkpoint.find_latest(ckpt_root)), "tensorboard": str(run_dir / "tensorboard"),
-               "metrics": str(run_dir / "metrics.jsonl"), "losses": losses}
-    return summary
+def _final(engine, evaluator, metrics, step, start, losses, loader, skipped, ckpt_root, run_dir) -> dict:
+    results = evaluator(engine.module)
+    metrics.write(step, results)
+    return {"steps": step, "resumed_from_step": start, "final_train_contrastive": losses[-1] if losses else None,
+            "eval": {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()},
+            "skipped_steps": skipped, "data_skips": {k: v for k, v in _sum_counts(loader.skip_counts()).items() if v},
+            "checkpoint": str(checkpoint.find_latest(ckpt_root)), "tensorboard": str(run_dir / "tensorboard"),
+            "metrics": str(run_dir / "metrics.jsonl"), "losses": losses}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ Legend: B batch, H = W image size, L text_len.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from typing import Any, Iterator
 
 import torch
@@ -84,7 +85,13 @@ class _Loader:
                           batch_size=self.batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size,
                           num_workers=self.logical_workers, block_size=self.cfg.shuffle_buffer,
                           states=states, rotation=rotation)
-        extra = {"prefetch_factor": self.cfg.prefetch_factor} if self.cfg.num_workers > 0 else {}
+        # Workers come from a forkserver, not fork(): the trainer is multithreaded (gloo, DataLoader
+        # feeder threads), and a child forked while another thread holds a lock can deadlock on its
+        # first step (seen: an evaluation pass hung a 2-rank run at its 4th evaluation).
+        # The server imports the data modules once; workers forked from it start in milliseconds.
+        multiprocessing.set_forkserver_preload(["torch", "limoe_ds.data.loader"])
+        extra = ({"prefetch_factor": self.cfg.prefetch_factor, "multiprocessing_context": "forkserver"}
+                 if self.cfg.num_workers > 0 else {})
         # A private generator: otherwise iterating a DataLoader draws its base seed from torch's
         # global RNG, which the trainer's router noise uses, and a resumed run would drift.
         return DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,

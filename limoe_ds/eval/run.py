@@ -1,0 +1,180 @@
+"""Evaluation passes on 1 or N ranks: embed, gather, score. Every metric twice: dropless routing
+(the canonical number) and at the training capacity factor (a capacity-limited MoE's output
+depends on what else is in the batch, so that number is reported beside, not instead).
+
+Expert-parallel ranks must run the same number of forward passes (the all-to-all), and data-
+parallel ranks may hold different numbers of evaluation batches, so every pass walks the data in
+lockstep (``lockstep``): a rank that has run out forwards a dummy batch whose outputs are dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from limoe_ds.eval import metrics
+from limoe_ds.losses import contrastive_loss
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _any_rank(flag: bool, device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if _dist():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0
+
+
+def lockstep(batches: Iterable, device, make_dummy: Callable[[], object]) -> Iterator[tuple[object, bool]]:
+    """Yield (batch, real) until EVERY rank is out of data; real=False marks a dummy pass."""
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        if not _any_rank(batch is not None, device):
+            return
+        yield (batch, True) if batch is not None else (make_dummy(), False)
+
+
+def gather_rows(x_NK: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows in rank order (ranks may hold different numbers of rows)."""
+    if not _dist():
+        return x_NK
+    n = torch.tensor([x_NK.shape[0]], device=x_NK.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    width = int(max(s.item() for s in sizes))
+    padded = x_NK.new_zeros((width, *x_NK.shape[1:]))
+    padded[:x_NK.shape[0]] = x_NK
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
+
+
+@contextlib.contextmanager
+def capacity(model, capacity_factor: float | None):
+    """Route evaluation passes with this capacity factor (None = dropless)."""
+    moe = model.cfg.moe
+    if moe is None:
+        yield
+        return
+    old, moe.eval_capacity_factor = moe.eval_capacity_factor, capacity_factor  # the gates share this object
+    try:
+        yield
+    finally:
+        moe.eval_capacity_factor = old
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _dummy_pair(model):
+    c = model.cfg
+    return {"images": torch.zeros(1, c.channels, c.image_size, c.image_size),
+            "tokens": torch.ones(1, c.text_len, dtype=torch.long)}
+
+
+@torch.no_grad()
+def embed_pairs(model, loader, *, max_batches: int = 0) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """All ranks' validation pairs -> (image_emb, text_emb) in rank order, plus the mean in-batch
+    contrastive loss over all pairs and the number of pairs."""
+    device = _device(model)
+    imgs, txts, loss_sum = [], [], torch.zeros(2, dtype=torch.float64, device=device)
+    for n, (batch, real) in enumerate(lockstep(loader, device, lambda: _dummy_pair(model))):
+        if max_batches and n >= max_batches:
+            break  # every rank reaches the same n: lockstep
+        out = model(batch["images"].to(device), batch["tokens"].to(device))
+        if real:
+            B = out.image_emb.shape[0]
+            imgs.append(out.image_emb.float())
+            txts.append(out.text_emb.float())
+            loss_sum += torch.tensor([contrastive_loss(out.image_emb, out.text_emb, out.logit_scale).item() * B, B],
+                                     dtype=torch.float64, device=device)
+    if _dist():
+        dist.all_reduce(loss_sum)
+    K = model.cfg.embed_dim
+    img = gather_rows(torch.cat(imgs) if imgs else torch.zeros(0, K, device=device))
+    txt = gather_rows(torch.cat(txts) if txts else torch.zeros(0, K, device=device))
+    pairs = int(loss_sum[1].item())
+    return img, txt, (loss_sum[0] / loss_sum[1]).item() if pairs else math.nan, pairs
+
+
+@torch.no_grad()
+def embed_texts(model, tokenizer, texts: list[str], *, batch_size: int = 256) -> torch.Tensor:
+    """Every rank embeds the same texts (same number of passes on every rank)."""
+    device = _device(model)
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenizer.encode_batch(texts[i:i + batch_size], model.cfg.text_len).to(device)
+        out.append(model.encode_text(tokens).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def zero_shot(model, zs, tokenizer, *, dp_rank: int, dp_size: int, batch_size: int = 500) -> dict[str, float]:
+    """Top-1/top-5 accuracy over the set, and top-1 on its seen and unseen classes separately."""
+    device = _device(model)
+    prompts = zs.prompts()  # [C][T]
+    C, T = len(prompts), len(prompts[0])
+    classifier_CK = metrics.zero_shot_classifier(
+        embed_texts(model, tokenizer, [p for ps in prompts for p in ps]).view(C, T, -1))
+    c = model.cfg
+    dummy = lambda: (torch.zeros(1, c.channels, c.image_size, c.image_size), torch.zeros(1, dtype=torch.long))  # noqa: E731
+    # top1, top5, n, seen top1, seen n, unseen top1 (10-way), unseen top1 among the unseen names only
+    counts = torch.zeros(7, dtype=torch.float64, device=device)
+    seen = torch.tensor(sorted(zs.seen_classes), device=device)
+    unseen = torch.tensor(sorted(zs.unseen_classes), device=device)
+    remap = torch.full((C,), 0, dtype=torch.long, device=device)
+    remap[unseen] = torch.arange(len(unseen), device=device)
+    batches = zs.iter_batches(image_size=c.image_size, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size)
+    for (images, labels), real in lockstep(batches, device, dummy):
+        image_emb = model.encode_image(images.to(device))
+        labels = labels.to(device)
+        correct = metrics.topk_correct(image_emb, classifier_CK, labels)
+        if not real:
+            continue
+        is_seen = torch.isin(labels, seen)
+        top1 = correct[1].double()
+        among_unseen = metrics.topk_correct(image_emb, classifier_CK[unseen], remap[labels], ks=(1,))[1] & ~is_seen
+        counts += torch.stack([top1.sum(), correct[5].double().sum(), torch.tensor(float(len(labels)), device=device),
+                               (top1 * is_seen).sum(), is_seen.double().sum(), (top1 * ~is_seen).sum(),
+                               among_unseen.double().sum()])
+    if _dist():
+        dist.all_reduce(counts)
+    top1, top5, n, seen_top1, n_seen, unseen_top1, among = counts.tolist()
+    n_unseen = n - n_seen
+    return {"top1": top1 / n, "top5": top5 / n, "seen_top1": seen_top1 / n_seen if n_seen else math.nan,
+            "unseen_top1": unseen_top1 / n_unseen if n_unseen else math.nan,
+            "unseen_top1_among_unseen": among / n_unseen if n_unseen else math.nan, "images": int(n),
+            "chance_top1": 1.0 / C, "chance_among_unseen": 1.0 / len(unseen) if len(unseen) else math.nan}
+
+
+def evaluate(model, *, val_loader=None, zero_shot_sets=(), tokenizer=None, dp_rank: int = 0, dp_size: int = 1,
+             max_batches: int = 0) -> dict[str, float]:
+    """All metrics, dropless and at the training capacity factor, keyed 'dropless/...' / 'train_cf/...'."""
+    was_training = model.training
+    model.eval()
+    modes = {"dropless": None}
+    if model.cfg.moe is not None:
+        modes["train_cf"] = model.cfg.moe.capacity_factor
+    out: dict[str, float] = {}
+    try:
+        for mode, cf in modes.items():
+            with capacity(model, cf):
+                if val_loader is not None:
+                    img, txt, loss, pairs = embed_pairs(model, val_loader, max_batches=max_batches)
+                    out[f"{mode}/val/contrastive"] = loss
+                    out[f"{mode}/val/pairs"] = pairs
+                    out.update({f"{mode}/retrieval/{k}": v for k, v in metrics.retrieval_metrics(img, txt).items()})
+                for zs in zero_shot_sets:
+                    res = zero_shot(model, zs, tokenizer, dp_rank=dp_rank, dp_size=dp_size)
+                    out.update({f"{mode}/zeroshot/{zs.name}/{k}": v for k, v in res.items()})
+    finally:
+        model.train(was_training)
+    return out

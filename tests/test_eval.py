@@ -1,0 +1,86 @@
+"""Evaluation metrics on constructed embeddings (answers worked by hand) and the distributed pass."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from limoe_ds.eval import metrics
+
+from dist_utils import run_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+MINI = ROOT / "data" / "mini"
+
+
+def test_recall_at_k_with_ties_counted_against():
+    # query 0: target 0.9 is the best            -> rank 0
+    # query 1: 0.8 beats the target 0.3          -> rank 1
+    # query 2: all three tie at 0.7              -> rank 2 (ties count against the model)
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.3, 0.8], [0.7, 0.7, 0.7]])
+    target = torch.arange(3)
+    assert metrics.target_ranks(scores, target).tolist() == [0, 1, 2]
+    assert metrics.recall_at_k(scores, target, ks=(1, 2, 3)) == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 1.0})
+
+
+def test_retrieval_both_directions():
+    # Images e0, e1, e2; captions: caption 0 = e0, caption 1 = e2, caption 2 = e1 (1 and 2 swapped).
+    img = torch.eye(3)
+    txt = torch.eye(3)[[0, 2, 1]]
+    r = metrics.retrieval_metrics(img, txt, ks=(1, 5))
+    # i2t: image 0 finds caption 0 (rank 0). Image 1 scores captions [0, 0, 1]: its caption 1 scores 0,
+    # beaten by caption 2 and tied with caption 0 (ties count against) -> rank 2; image 2 likewise.
+    assert r["i2t/R@1"] == pytest.approx(1 / 3) and r["i2t/R@5"] == 1.0
+    assert r["t2i/R@1"] == pytest.approx(1 / 3) and r["t2i/R@5"] == 1.0
+    perfect = metrics.retrieval_metrics(img, img, ks=(1,))
+    assert perfect == {"i2t/R@1": 1.0, "t2i/R@1": 1.0}
+
+
+def test_zero_shot_classifier_is_the_renormalised_mean_of_normalised_prompts():
+    # class 0 prompts [2, 0] and [0, 1] -> normalised [1,0], [0,1] -> mean [.5,.5] -> [.7071, .7071]
+    # class 1 prompts [-1, 0] twice -> [-1, 0]
+    prompts = torch.tensor([[[2.0, 0.0], [0.0, 1.0]], [[-1.0, 0.0], [-3.0, 0.0]]])
+    w = metrics.zero_shot_classifier(prompts)
+    torch.testing.assert_close(w, torch.tensor([[math.sqrt(0.5), math.sqrt(0.5)], [-1.0, 0.0]]))
+    images = torch.tensor([[1.0, 0.0], [-0.6, 0.8], [0.0, 0.0]])
+    labels = torch.tensor([0, 1, 0])
+    # image 0: scores [.707, -1] -> class 0, correct. image 1: [.141, .6] -> class 1, correct.
+    # image 2 (all-zero): scores tie at 0 -> counted wrong at top-1, right at top-2.
+    correct = metrics.topk_correct(images, w, labels, ks=(1, 2))
+    assert correct[1].tolist() == [True, True, False]
+    assert correct[2].tolist() == [True, True, True]
+
+
+# ---- 2 ranks (expert-parallel 2, DeepSpeed engine) vs 1 rank, dropless -----------------------------
+def _eval_worker(rank, world):
+    from limoe_ds.data import DataConfig, Tokenizer, build_eval_loader
+    from limoe_ds.data.zeroshot import load_zeroshot_set
+    from limoe_ds.engine import build_engine
+    from limoe_ds.eval.run import evaluate
+    from limoe_ds.model import build_model
+    tok = Tokenizer.from_file(str(MINI / "tokenizer.json"))
+    model = build_model("tiny", ep_size=world, ep_rank=rank, seed=3)
+    if world > 1:  # DeepSpeed builds the expert-parallel groups
+        ds = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": world, "steps_per_print": 10 ** 9,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+        model = build_engine(model, ds)[0].module
+    val = build_eval_loader(DataConfig(val=str(MINI / "val"), num_workers=0), image_size=32, tokenizer=tok,
+                            text_len=16, batch_size=100, dp_rank=rank, dp_size=world)
+    zs = load_zeroshot_set(str(MINI / "zeroshot" / "fashion_mnist"))
+    return evaluate(model, val_loader=val, zero_shot_sets=[zs], tokenizer=tok, dp_rank=rank, dp_size=world)
+
+
+def test_two_rank_dropless_evaluation_equals_one_rank():
+    one = run_ranks(_eval_worker, 1)[0]
+    two = run_ranks(_eval_worker, 2)
+    assert two[0] == two[1]  # every rank reports the same numbers
+    keys = [k for k in one if k.startswith("dropless/") and "val/contrastive" not in k]
+    # retrieval and zero-shot are per-sample: identical whatever the split. (The in-batch val loss
+    # depends on how pairs are batched, so it is not compared.)
+    assert any("retrieval" in k for k in keys) and any("zeroshot" in k for k in keys)
+    for k in keys:
+        assert two[0][k] == pytest.approx(one[k], abs=1e-6), k
+    assert one["dropless/val/pairs"] == two[0]["dropless/val/pairs"] == 628
