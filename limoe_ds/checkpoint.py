@@ -138,3 +138,20 @@ def load(engine, ckpt_dir: Path) -> tuple[int, dict[str, Any]]:
     if path is None:
         raise ValueError(f"--resume: DeepSpeed could not load {ckpt_dir}")
     return int(client["limoe_step"]), torch.load(rank_file, weights_only=False)
+
+
+def consolidated_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The full model's weights (every expert) from a DeepSpeed MoE checkpoint of any expert-parallel
+    size, for a model built with ep_size=1: the shared weights (``mp_rank_00_model_states.pt``) plus
+    one file per expert, named by its global index. These are the module weights (bf16 in a bf16
+    run), not the fp32 optimizer master copy."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / MARKER).is_file():
+        raise ValueError(f"--checkpoint: {ckpt_dir} is not a complete limoe_ds checkpoint (no {MARKER})")
+    shared = ckpt_dir / "mp_rank_00_model_states.pt"
+    if not shared.is_file():
+        raise ValueError(f"--checkpoint: {shared} is missing; the checkpoint is incomplete")
+    state = dict(torch.load(shared, map_location="cpu", weights_only=False)["module"])
+    for f in sorted(ckpt_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+        state.update(torch.load(f, map_location="cpu", weights_only=False))
+    return state

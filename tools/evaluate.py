@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint: held-out loss, retrieval R@1/5/10, zero-shot (seen / unseen classes),
+each dropless and at the training capacity factor; one JSON report with the command that made it.
+
+    python tools/evaluate.py --checkpoint runs/tiny/checkpoints/step00000500 [--out report.json]
+    deepspeed --num_gpus 8 tools/evaluate.py --checkpoint runs/b16/checkpoints/step00100000 \
+        --set data.val=/data/coco-val eval.zero_shot=[/data/imagenet-zs]
+
+The model is rebuilt from the configuration stored in the checkpoint, with every expert on every
+rank (no expert parallelism, so any number of ranks works); ranks split the data. ``--set``
+overrides that configuration (e.g. other evaluation data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from limoe_ds import checkpoint, run_config  # noqa: E402
+from limoe_ds.dist_env import world_from_env  # noqa: E402
+from limoe_ds.validate import ConfigError  # noqa: E402
+
+
+def load_config(ckpt_dir: Path, overrides: list[str], world: int) -> run_config.RunConfig:
+    marker = ckpt_dir / checkpoint.MARKER
+    if not marker.is_file():
+        raise ConfigError(f"--checkpoint: {ckpt_dir} is not a complete limoe_ds checkpoint (no {checkpoint.MARKER})")
+    raw = json.loads(marker.read_text())["config"]
+    raw = run_config.apply_overrides(raw, ["parallel.expert_parallel_size=1", "parallel.world_size=null",
+                                           "ds.train_batch_size=null", *overrides])
+    raw.pop("train_batch_size")
+    return run_config.resolve(raw, world_size=world)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, type=Path)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", type=Path, help="write the JSON report here too (atomically)")
+    ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    rank, world = world_from_env()
+    try:
+        cfg = load_config(args.checkpoint, args.set, world)
+        state = checkpoint.consolidated_model_state(args.checkpoint)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from limoe_ds.data import Tokenizer, build_eval_loader
+    from limoe_ds.data.zeroshot import load_zeroshot_set
+    from limoe_ds.engine import init_distributed
+    from limoe_ds.eval.run import evaluate
+    from limoe_ds.model import build_model
+    init_distributed()
+    model = build_model(cfg.model)
+    model.load_state_dict(state)
+    tok = Tokenizer.from_file(cfg.tokenizer)
+    val = None
+    if cfg.data.val is not None:
+        val = build_eval_loader(cfg.data, image_size=cfg.model.image_size, tokenizer=tok, text_len=cfg.model.text_len,
+                                batch_size=cfg.eval.batch_size, dp_rank=rank, dp_size=world)
+    results = evaluate(model, val_loader=val, zero_shot_sets=[load_zeroshot_set(z) for z in cfg.eval.zero_shot],
+                       tokenizer=tok, dp_rank=rank, dp_size=world, max_batches=cfg.eval.max_batches)
+    report = {"command": shlex.join([sys.executable, *sys.argv]), "checkpoint": str(args.checkpoint),
+              "step": json.loads((args.checkpoint / checkpoint.MARKER).read_text())["step"], "ranks": world,
+              "metrics": results}
+    if rank == 0:
+        text = json.dumps(report, indent=1)
+        print(text)
+        if args.out:
+            checkpoint.atomic_write_text(args.out, text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
