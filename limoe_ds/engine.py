@@ -120,12 +120,19 @@ def all_finite(t: torch.Tensor) -> bool:
     return flag.item() == 0.0
 
 
-def mean_over_ranks(values: dict[str, float], device=None) -> dict[str, float]:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+def sum_over_ranks(values: dict[str, float], device=None) -> dict[str, float]:
+    """Element-wise sum of a {name: number} dict over all ranks (one all-reduce)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1 or not values:
+        return dict(values)
+    keys = sorted(values)  # the same order on every rank, whatever each dict's insertion order
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return dict(zip(values, (t / dist.get_world_size()).tolist()))
+    return dict(zip(keys, t.tolist()))
+
+
+def mean_over_ranks(values: dict[str, float], device=None) -> dict[str, float]:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return {k: v / world for k, v in sum_over_ranks(values, device).items()}
 
 
 @dataclass

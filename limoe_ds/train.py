@@ -86,9 +86,10 @@ class Window:
     routing: dict[str, torch.Tensor] = field(default_factory=dict)
     t0: float = field(default_factory=time.perf_counter)
 
-    def add(self, r, contrastive: float) -> None:
+    def add(self, r) -> None:
         self.steps += 1
-        for k, v in {"loss/total": r.loss, "loss/contrastive": contrastive, **{f"aux/{k}": v for k, v in r.aux.items()}}.items():
+        for k, v in {"loss/total": r.loss, "loss/contrastive": r.contrastive,
+                     **{f"aux/{k}": v for k, v in r.aux.items()}}.items():
             self.losses[k] = self.losses.get(k, 0.0) + v
         diagnostics.accumulate(self.routing, r.routing_stats)
 
@@ -210,7 +211,7 @@ def train(cfg: RunConfig, *, rank: int, world: int, resume: str = "auto") -> dic
         nonfinite = 0
         step += 1
         losses.append(r.contrastive)
-        window.add(r, r.contrastive)
+        window.add(r)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{r.loss:.4f}")
@@ -260,12 +261,8 @@ def _log_window(metrics, window, step, engine, scheduler, loader, samples_per_st
 
 
 def _sum_counts(counts: dict[str, int]) -> dict[str, int]:
-    if not dist.is_initialized():
-        return counts
-    keys = sorted(counts)
-    t = torch.tensor([counts[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: int(v) for k, v in zip(keys, t.tolist())}
+    from limoe_ds.engine import sum_over_ranks
+    return {k: int(v) for k, v in sum_over_ranks(counts).items()}
 
 
 def _final(engine, evaluator, metrics, step, start, losses, loader, skipped, ckpt_root, run_dir) -> dict:

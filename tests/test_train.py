@@ -294,6 +294,23 @@ def test_resume_after_kill_9_continues_bitwise(tmp_path):
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     assert [a[s] for s in a] == [b[s] for s in a]  # bitwise: same data, RNG, optimizer state
+    # The resumed run's expert-parallel-2 checkpoint, consolidated and evaluated on one rank with every
+    # expert (tools/evaluate.py), gives the 2-rank engine's dropless zero-shot numbers.
+    sys.path.insert(0, str(ROOT / "tools"))
+    import evaluate as evaluate_tool
+    final = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+             if "dropless/zeroshot/fashion_mnist/top1" in line][-1]
+    report_path = tmp_path / "report.json"
+    ckpt = tmp_path / "killed" / "checkpoints" / f"step{steps:08d}"
+    assert evaluate_tool.main(["--checkpoint", str(ckpt), "--out", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["step"] == steps and "tools/evaluate.py" in report["command"]
+    zs_keys = [k for k in report["metrics"] if k.startswith("dropless/zeroshot/")]
+    assert len(zs_keys) >= 6
+    for k in zs_keys:
+        assert report["metrics"][k] == pytest.approx(final[k], abs=1e-9), k
+
+
 
 
 def test_weight_decay_only_on_matrices_and_experts_in_moe_groups():
@@ -311,21 +328,6 @@ def test_weight_decay_only_on_matrices_and_experts_in_moe_groups():
     moe_groups = [g for g in groups if g.get("moe")]
     assert moe_groups and all("deepspeed_experts" in names[id(p)] for g in moe_groups for p in g["params"])
     assert {g["weight_decay"] for g in groups if g["name"].startswith("no_decay")} == {0.0}
-    # The resumed run's expert-parallel-2 checkpoint, consolidated and evaluated on one rank with every
-    # expert (tools/evaluate.py), gives the 2-rank engine's dropless zero-shot numbers.
-    sys.path.insert(0, str(ROOT / "tools"))
-    import evaluate as evaluate_tool
-    final = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
-             if "dropless/zeroshot/fashion_mnist/top1" in line][-1]
-    report_path = tmp_path / "report.json"
-    ckpt = tmp_path / "killed" / "checkpoints" / f"step{steps:08d}"
-    assert evaluate_tool.main(["--checkpoint", str(ckpt), "--out", str(report_path)]) == 0
-    report = json.loads(report_path.read_text())
-    assert report["step"] == steps and "tools/evaluate.py" in report["command"]
-    zs_keys = [k for k in report["metrics"] if k.startswith("dropless/zeroshot/")]
-    assert len(zs_keys) >= 6
-    for k in zs_keys:
-        assert report["metrics"][k] == pytest.approx(final[k], abs=1e-9), k
 
 
 def test_evaluate_tool_rejects_a_partial_checkpoint(tmp_path, capsys):

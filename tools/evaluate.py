@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", type=Path, help="write the JSON report here too (atomically)")
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     rank, world = world_from_env()
     try:
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                                 batch_size=cfg.eval.batch_size, dp_rank=rank, dp_size=world)
     results = evaluate(model, val_loader=val, zero_shot_sets=[load_zeroshot_set(z) for z in cfg.eval.zero_shot],
                        tokenizer=tok, dp_rank=rank, dp_size=world, max_batches=cfg.eval.max_batches)
-    report = {"command": shlex.join([sys.executable, *sys.argv]), "checkpoint": str(args.checkpoint),
+    command = shlex.join([sys.executable, str(Path(__file__).resolve()), *argv])  # reproduces this report
+    report = {"command": command, "checkpoint": str(args.checkpoint),
               "step": json.loads((args.checkpoint / checkpoint.MARKER).read_text())["step"], "ranks": world,
               "metrics": results}
     if rank == 0:
