@@ -155,3 +155,16 @@ def consolidated_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     for f in sorted(ckpt_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
         state.update(torch.load(f, map_location="cpu", weights_only=False))
     return state
+
+
+def evaluation_config(ckpt_dir: Path, overrides: list[str], world: int):
+    """The run's configuration stored in the checkpoint, set up for evaluation on ``world`` ranks
+    with every expert on every rank (expert_parallel_size 1, any world size)."""
+    from limoe_ds import run_config
+    marker = Path(ckpt_dir) / MARKER
+    if not marker.is_file():
+        raise run_config.ConfigError(f"--checkpoint: {ckpt_dir} is not a complete limoe_ds checkpoint (no {MARKER})")
+    raw = json.loads(marker.read_text())["config"]
+    raw = run_config.apply_overrides(raw, ["parallel.expert_parallel_size=1", "parallel.world_size=null", *overrides])
+    raw.pop("train_batch_size", None)  # re-derived for this world size
+    return run_config.resolve(raw, world_size=world)

@@ -84,3 +84,38 @@ def test_two_rank_dropless_evaluation_equals_one_rank():
     for k in keys:
         assert two[0][k] == pytest.approx(one[k], abs=1e-6), k
     assert one["dropless/val/pairs"] == two[0]["dropless/val/pairs"] == 628
+
+
+def test_analyze_experts_writes_a_consistent_report_and_figures(tmp_path):
+    """On the checkpoint of a fresh 3-step tiny run: counts add up, shares match, figures are drawn."""
+    import json
+    import sys
+    from PIL import Image
+    from limoe_ds import run_config
+    from limoe_ds.engine import init_distributed
+    from limoe_ds.train import train
+    sys.path.insert(0, str(ROOT / "tools"))
+    import analyze_experts
+    raw = json.loads((ROOT / "ds_configs" / "tiny.json").read_text())
+    raw = run_config.apply_overrides(raw, [
+        "parallel.expert_parallel_size=1", "train.steps=3", f"train.run_dir={tmp_path / 'run'}", "logging.progress_bar=false",
+        "ds.scheduler.params.warmup_num_steps=1", "eval.max_batches=1", "eval.zero_shot=[]", "data.num_workers=0",
+        f"tokenizer={MINI / 'tokenizer.json'}", f"data.train={MINI / 'train'}", f"data.val={MINI / 'val'}"])
+    init_distributed()
+    train(run_config.resolve(raw, world_size=1), rank=0, world=1, resume="none")
+    ckpt = tmp_path / "run" / "checkpoints" / "step00000003"
+    out = tmp_path / "experts"
+    assert analyze_experts.main(["--checkpoint", str(ckpt), "--out", str(out), "--images", "4"]) == 0
+    layers = json.loads((out / "report.json").read_text())["layers"]
+    assert set(layers) == {"layer1", "layer3"}
+    for s in layers.values():
+        assert s["image"]["routed_tokens"] == 628 * 16  # every val image's patches, dropless
+        assert s["image"]["success_rate"] == s["text"]["success_rate"] == 1.0
+        kept = [a + b for a, b in zip(s["image"]["tokens_per_expert"], s["text"]["tokens_per_expert"])]
+        for share, k, img_n in zip(s["image_share_per_expert"], kept, s["image"]["tokens_per_expert"]):
+            assert k == 0 or share == pytest.approx(img_n / k, abs=1e-4)
+    chart = Image.open(out / "experts_modality.png")
+    assert chart.size == (440, 180)
+    overlay = Image.open(out / "patches_layer3.png")
+    assert overlay.size == (2 * 32 * 4, 4 * 32 * 4)
+    assert analyze_experts.main(["--checkpoint", str(tmp_path / "nope"), "--out", str(out)]) == 2

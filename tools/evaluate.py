@@ -21,20 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from limoe_ds import checkpoint, run_config  # noqa: E402
+from limoe_ds import checkpoint  # noqa: E402
 from limoe_ds.dist_env import world_from_env  # noqa: E402
-from limoe_ds.validate import ConfigError  # noqa: E402
-
-
-def load_config(ckpt_dir: Path, overrides: list[str], world: int) -> run_config.RunConfig:
-    marker = ckpt_dir / checkpoint.MARKER
-    if not marker.is_file():
-        raise ConfigError(f"--checkpoint: {ckpt_dir} is not a complete limoe_ds checkpoint (no {checkpoint.MARKER})")
-    raw = json.loads(marker.read_text())["config"]
-    raw = run_config.apply_overrides(raw, ["parallel.expert_parallel_size=1", "parallel.world_size=null",
-                                           "ds.train_batch_size=null", *overrides])
-    raw.pop("train_batch_size")
-    return run_config.resolve(raw, world_size=world)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rank, world = world_from_env()
     try:
-        cfg = load_config(args.checkpoint, args.set, world)
+        cfg = checkpoint.evaluation_config(args.checkpoint, args.set, world)
         state = checkpoint.consolidated_model_state(args.checkpoint)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
