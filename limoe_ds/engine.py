@@ -120,19 +120,24 @@ def all_finite(t: torch.Tensor) -> bool:
     return flag.item() == 0.0
 
 
-def sum_over_ranks(values: dict[str, float], device=None) -> dict[str, float]:
+def comm_device() -> torch.device:
+    """Where collective tensors must live: the current GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Element-wise sum of a {name: number} dict over all ranks (one all-reduce)."""
     if not dist.is_initialized() or dist.get_world_size() == 1 or not values:
         return dict(values)
     keys = sorted(values)  # the same order on every rank, whatever each dict's insertion order
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=comm_device())
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
 
 
-def mean_over_ranks(values: dict[str, float], device=None) -> dict[str, float]:
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return {k: v / world for k, v in sum_over_ranks(values, device).items()}
+    return {k: v / world for k, v in sum_over_ranks(values).items()}
 
 
 @dataclass
@@ -155,5 +160,7 @@ def train_step(engine, batch: dict[str, torch.Tensor]) -> StepResult:
     engine.backward(loss)
     engine.step()
     engine.module.clamp_logit_scale_()
-    return StepResult(False, loss.item(), contrastive.item(), {k: v.item() for k, v in out.aux_losses.items()},
-                      out.routing_stats)
+    # one device-to-host copy for all the logged losses, not one per loss
+    total, contr, *aux = torch.stack([loss.detach(), contrastive.detach(),
+                                      *(v.detach().float() for v in out.aux_losses.values())]).tolist()
+    return StepResult(False, total, contr, dict(zip(out.aux_losses, aux)), out.routing_stats)

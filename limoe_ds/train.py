@@ -97,8 +97,9 @@ class Window:
 def routing_scalars(routing: dict[str, torch.Tensor]) -> dict[str, float]:
     """Sum routing counts over ranks, then per layer/modality success rate and dropped tokens."""
     if dist.is_initialized() and routing:
+        from limoe_ds.engine import comm_device
         keys = sorted(k for k in routing if not k.endswith("/capacity"))
-        flat = torch.cat([routing[k].reshape(-1) for k in keys]).double()
+        flat = torch.cat([routing[k].reshape(-1) for k in keys]).double().to(comm_device())  # NCCL: on the GPU
         dist.all_reduce(flat)
         sizes = [routing[k].numel() for k in keys]
         routing = {**routing, **{k: v.view_as(routing[k]).float() for k, v in zip(keys, flat.split(sizes))}}
@@ -180,7 +181,7 @@ def _save(engine, loader, ckpt_root: Path, step: int, cfg: RunConfig) -> Path:
 
 
 def train(cfg: RunConfig, *, rank: int, world: int, resume: str = "auto") -> dict:
-    from limoe_ds.engine import mean_over_ranks, train_step
+    from limoe_ds.engine import train_step
     run_dir = Path(cfg.train.run_dir)
     ckpt_root = run_dir / "checkpoints"
     layout, engine, scheduler, loader, evaluator = _build(cfg, rank, world)
@@ -217,7 +218,7 @@ def train(cfg: RunConfig, *, rank: int, world: int, resume: str = "auto") -> dic
             bar.set_postfix(loss=f"{r.loss:.4f}")
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             last = _log_window(metrics, window, step, engine, scheduler, loader, samples_per_step, tokens_per_sample,
-                               skipped_total, mean_over_ranks)
+                               skipped_total)
             window = Window()
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
             metrics.write(step, evaluator(engine.module))
@@ -241,8 +242,8 @@ def _progress(cfg: RunConfig, start: int):
     return tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
 
 
-def _log_window(metrics, window, step, engine, scheduler, loader, samples_per_step, tokens_per_sample, skipped,
-                mean_over_ranks):
+def _log_window(metrics, window, step, engine, scheduler, loader, samples_per_step, tokens_per_sample, skipped):
+    from limoe_ds.engine import mean_over_ranks
     elapsed = time.perf_counter() - window.t0
     scalars = mean_over_ranks({k: v / window.steps for k, v in window.losses.items()})
     scalars.update(routing_scalars(window.routing))

@@ -20,9 +20,10 @@ _KEY = re.compile(r"^moe/layer(\d+)/(.+)$")
 
 
 def accumulate(total: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """total += stats, element-wise (capacity keeps its max)."""
+    """total += stats, element-wise (capacity keeps its max), on the stats' own device: no
+    device-to-host copy per training step; ``summarize`` moves the totals once."""
     for k, v in stats.items():
-        v = v.detach().float().cpu()
+        v = v.detach().float()
         if k not in total:
             total[k] = v.clone()
         elif k.endswith("/capacity"):
