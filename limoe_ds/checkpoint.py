@@ -121,11 +121,18 @@ def find_latest(ckpt_root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def read_marker(ckpt_dir: Path, flag: str) -> dict[str, Any]:
+    """The completion marker's contents; a clear error naming ``flag`` when the checkpoint is incomplete."""
+    marker = Path(ckpt_dir) / MARKER
+    if not marker.is_file():
+        from limoe_ds.validate import ConfigError
+        raise ConfigError(f"{flag}: {ckpt_dir} is not a complete limoe_ds checkpoint (no {MARKER})")
+    return json.loads(marker.read_text())
+
+
 def load(engine, ckpt_dir: Path) -> tuple[int, dict[str, Any]]:
     """Restore model, optimizer, scheduler (DeepSpeed) and this rank's state; returns (step, rank_state)."""
-    if not (ckpt_dir / MARKER).is_file():
-        raise ValueError(f"--resume: {ckpt_dir} is not a complete limoe_ds checkpoint (no {MARKER})")
-    meta = json.loads((ckpt_dir / MARKER).read_text())
+    meta = read_marker(ckpt_dir, "--resume")
     world = dist.get_world_size() if dist.is_initialized() else 1
     if meta["world_size"] != world:
         raise ValueError(f"--resume: {ckpt_dir} was saved by {meta['world_size']} ranks, this run has {world}; "
@@ -146,8 +153,7 @@ def consolidated_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     one file per expert, named by its global index. These are the module weights (bf16 in a bf16
     run), not the fp32 optimizer master copy."""
     ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / MARKER).is_file():
-        raise ValueError(f"--checkpoint: {ckpt_dir} is not a complete limoe_ds checkpoint (no {MARKER})")
+    read_marker(ckpt_dir, "--checkpoint")
     shared = ckpt_dir / "mp_rank_00_model_states.pt"
     if not shared.is_file():
         raise ValueError(f"--checkpoint: {shared} is missing; the checkpoint is incomplete")
@@ -161,10 +167,7 @@ def evaluation_config(ckpt_dir: Path, overrides: list[str], world: int):
     """The run's configuration stored in the checkpoint, set up for evaluation on ``world`` ranks
     with every expert on every rank (expert_parallel_size 1, any world size)."""
     from limoe_ds import run_config
-    marker = Path(ckpt_dir) / MARKER
-    if not marker.is_file():
-        raise run_config.ConfigError(f"--checkpoint: {ckpt_dir} is not a complete limoe_ds checkpoint (no {MARKER})")
-    raw = json.loads(marker.read_text())["config"]
+    raw = read_marker(ckpt_dir, "--checkpoint")["config"]
     raw = run_config.apply_overrides(raw, ["parallel.expert_parallel_size=1", "parallel.world_size=null", *overrides])
     raw.pop("train_batch_size", None)  # re-derived for this world size
     return run_config.resolve(raw, world_size=world)

@@ -142,7 +142,9 @@ def _typed(cls: type, d: Any, key: str):
         raise ConfigError(str(e) if str(e).startswith(key) else f"{key}: {e}") from None
 
 
-def _model_config(d: Mapping[str, Any]) -> ModelConfig:
+def model_config(d: Mapping[str, Any]) -> ModelConfig:
+    """The \"limoe\" block's model section: a preset (``preset``) with overrides (``moe`` merged key by key),
+    or a full model config."""
     d = dict(d)
     preset = d.pop("preset", None)
     try:
@@ -254,7 +256,7 @@ def resolve(raw: dict[str, Any], *, world_size: int, check_paths: bool = True) -
     _check(not unknown, f"limoe.{unknown[0] if unknown else ''}", f"unknown section; valid ones are {sorted(_SECTIONS)}")
     for required in ("model", "data", "tokenizer", "train"):
         _check(required in block, f"limoe.{required}", "is required")
-    model = _model_config(block["model"])
+    model = model_config(block["model"])
     parallel = _typed(ParallelConfig, block.get("parallel", {}), "parallel")
     train = _typed(TrainConfig, block["train"], "train")
     data = _typed(DataConfig, block["data"], "data")

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                        tokenizer=tok, dp_rank=rank, dp_size=world, max_batches=cfg.eval.max_batches)
     command = shlex.join([sys.executable, str(Path(__file__).resolve()), *argv])  # reproduces this report
     report = {"command": command, "checkpoint": str(args.checkpoint),
-              "step": json.loads((args.checkpoint / checkpoint.MARKER).read_text())["step"], "ranks": world,
+              "step": checkpoint.read_marker(args.checkpoint, "--checkpoint")["step"], "ranks": world,
               "metrics": results}
     if rank == 0:
         text = json.dumps(report, indent=1)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from limoe_ds.config import ModelConfig, config_from_dict, get_preset  # noqa: E402
+from limoe_ds.config import ModelConfig, get_preset  # noqa: E402
+from limoe_ds.run_config import model_config  # noqa: E402
 
 
 def load_model_config(preset_or_path: str) -> ModelConfig:
@@ -28,14 +29,7 @@ def load_model_config(preset_or_path: str) -> ModelConfig:
     path = Path(preset_or_path)
     if not path.is_file():
         raise ValueError(f"{path}: no such DeepSpeed config file")
-    model = json.loads(path.read_text()).get("limoe", {}).get("model", {})
-    if "preset" not in model:
-        return config_from_dict(model)
-    overrides = {k: v for k, v in model.items() if k != "preset"}
-    base = get_preset(model["preset"]).to_dict()
-    if overrides.get("moe") is not None and base.get("moe") is not None:
-        overrides["moe"] = {**base["moe"], **overrides["moe"]}
-    return config_from_dict({**base, **overrides})
+    return model_config(json.loads(path.read_text()).get("limoe", {}).get("model", {}))
 
 
 def summarize(cfg: ModelConfig) -> dict:
