@@ -89,7 +89,10 @@ def save(engine, ckpt_root: Path, step: int, *, rank_state: Callable[[], dict[st
         for stale in ckpt_root.glob("*.partial"):
             shutil.rmtree(stale)
     _barrier()
-    engine.save_checkpoint(str(ckpt_root), tag=partial.name, client_state={"limoe_step": step}, save_latest=False)
+    from limoe_ds.parallel import checkpoint_writers
+    with checkpoint_writers():
+        engine.save_checkpoint(str(ckpt_root), tag=partial.name, client_state={"limoe_step": step},
+                               save_latest=False)
     tmp = partial / f"limoe_rank{_rank():05d}.pt.tmp"
     torch.save(rank_state(), tmp)
     os.replace(tmp, partial / f"limoe_rank{_rank():05d}.pt")
@@ -148,17 +151,27 @@ def load(engine, ckpt_dir: Path) -> tuple[int, dict[str, Any]]:
 
 
 def consolidated_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """The full model's weights (every expert) from a DeepSpeed MoE checkpoint of any expert-parallel
-    size, for a model built with ep_size=1: the shared weights (``mp_rank_00_model_states.pt``) plus
-    one file per expert, named by its global index. These are the module weights (bf16 in a bf16
-    run), not the fp32 optimizer master copy."""
+    """The full model's weights (every expert, every head) from a DeepSpeed MoE checkpoint of any
+    expert- and tensor-parallel size, for a model built with ep_size=1, tp=1: the shared weights
+    (``mp_rank_<t>_model_states.pt`` per tensor-parallel rank t, joined along each parameter's split,
+    ``limoe_ds.parallel.tp_partition``) plus one file per expert, named by its global index. These
+    are the module weights (bf16 in a bf16 run), not the fp32 optimizer master copy."""
+    from limoe_ds.parallel import tp_partition, tp_unshard
     ckpt_dir = Path(ckpt_dir)
-    read_marker(ckpt_dir, "--checkpoint")
-    shared = ckpt_dir / "mp_rank_00_model_states.pt"
-    if not shared.is_file():
-        raise ValueError(f"--checkpoint: {shared} is missing; the checkpoint is incomplete")
-    state = dict(torch.load(shared, map_location="cpu", weights_only=False)["module"])
-    for f in sorted(ckpt_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+    meta = read_marker(ckpt_dir, "--checkpoint")
+    tp = int(meta.get("config", {}).get("limoe", {}).get("parallel", {}).get("tensor_parallel_size", 1))
+    parts = []
+    for t in range(tp):
+        shared = ckpt_dir / f"mp_rank_{t:02d}_model_states.pt"
+        if not shared.is_file():
+            raise ValueError(f"--checkpoint: {shared} is missing; the checkpoint is incomplete")
+        module = torch.load(shared, map_location="cpu", weights_only=False)["module"]
+        parts.append({k: v for k, v in module.items() if not k.endswith("._extra_state")})  # megatron's (None)
+    state = {}
+    for name, value in parts[0].items():
+        split = tp_partition(name) if tp > 1 else None
+        state[name] = value if split is None else tp_unshard([p[name] for p in parts], *split)
+    for f in sorted(ckpt_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):  # replicated over tp
         state.update(torch.load(f, map_location="cpu", weights_only=False))
     return state
 

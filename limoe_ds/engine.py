@@ -19,33 +19,11 @@ from torch import nn
 
 with contextlib.redirect_stdout(sys.stderr):
     import deepspeed
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
 from limoe_ds.losses import gathered_contrastive_loss
+from limoe_ds import parallel
 from limoe_ds.model.limoe import LIMoEModel, MAPHead
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Ranks and process groups: world = tp x dp; experts sharded over ep ranks (ep | dp)."""
-
-    rank: int
-    world_size: int
-    ep: int
-    tp: int = 1
-
-    @property
-    def dp(self) -> int:
-        return self.world_size // self.tp
-
-    @property
-    def dp_rank(self) -> int:
-        return self.rank // self.tp
-
-    @property
-    def ep_rank(self) -> int:
-        # DeepSpeed's expert-parallel groups are runs of ep consecutive data-parallel ranks.
-        return self.dp_rank % self.ep
 
 
 def _free_port() -> int:
@@ -105,10 +83,27 @@ def param_groups(model: LIMoEModel) -> list[dict]:
 
 
 def build_engine(model: LIMoEModel, ds_config: dict):
-    """deepspeed.initialize with our parameter groups; the optimizer comes from the JSON."""
+    """deepspeed.initialize with our parameter groups; the optimizer comes from the JSON.
+
+    When ``limoe_ds.parallel.setup`` built the process groups, DeepSpeed gets them (``mpu=``, and
+    the expert groups already registered); otherwise DeepSpeed builds its default ones (tp=1).
+    """
+    state = parallel.state()
+    if state is not None and (model.tp.size != state.layout.tp or model.ep_size != state.layout.ep):
+        raise ValueError(f"model built for tp={model.tp.size}, ep={model.ep_size}; the process groups are for "
+                         f"tp={state.layout.tp}, ep={state.layout.ep}")
+    if model.tp.size > 1 and ds_config.get("zero_optimization", {}).get("stage", 0) in (1, 2):
+        # Experts are replicated over tp peers, and ZeRO 1/2 partition their gradients over the
+        # expert-data group, which spans the tp peers: each peer holds DIFFERENT expert gradient
+        # entries. DeepSpeed's gradient norm counts an untagged parameter on tp rank 0 only (it
+        # assumes tp peers hold copies) and would miss the other peers' parts; tagged, every
+        # peer's part is counted once. (Under ZeRO 0 every peer holds the full, reduced copy.)
+        for p in model.parameters():
+            if is_moe_param(p):
+                p.tensor_model_parallel = True
     with _deepspeed_chatter(dist.get_rank() if dist.is_initialized() else 0):
         engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups(model),
-                                                       config=ds_config)
+                                                       config=ds_config, mpu=None if state is None else state.mpu)
     return engine, scheduler
 
 
@@ -126,17 +121,20 @@ def comm_device() -> torch.device:
 
 
 def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Element-wise sum of a {name: number} dict over all ranks (one all-reduce)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1 or not values:
+    """Element-wise sum of a {name: number} dict over the data-parallel ranks (one all-reduce);
+    tensor-parallel peers hold the same samples and are counted once."""
+    group = parallel.data_parallel_group()
+    if not dist.is_initialized() or dist.get_world_size(group) == 1 or not values:
         return dict(values)
     keys = sorted(values)  # the same order on every rank, whatever each dict's insertion order
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=comm_device())
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return dict(zip(keys, t.tolist()))
 
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    """Mean over the data-parallel ranks."""
+    world = dist.get_world_size(parallel.data_parallel_group()) if dist.is_initialized() else 1
     return {k: v / world for k, v in sum_over_ranks(values).items()}
 
 
@@ -153,7 +151,8 @@ def train_step(engine, batch: dict[str, torch.Tensor]) -> StepResult:
     """One optimizer step. A non-finite loss on any rank skips the step on every rank."""
     device = engine.device
     out = engine(batch["images"].to(device), batch["tokens"].to(device))
-    contrastive = gathered_contrastive_loss(out.image_emb, out.text_emb, out.logit_scale)
+    contrastive = gathered_contrastive_loss(out.image_emb, out.text_emb, out.logit_scale,
+                                            group=parallel.data_parallel_group())
     loss = contrastive + sum(out.aux_losses.values())
     if not all_finite(loss.detach()):
         return StepResult(True, float("nan"), float("nan"), {}, out.routing_stats)

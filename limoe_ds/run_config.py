@@ -35,7 +35,8 @@ class ParallelConfig:
     expert_parallel_size: int = 1
     """Ranks that shard each MoE layer's experts (DeepSpeed-MoE); divides the data-parallel size."""
     tensor_parallel_size: int = 1
-    """Megatron-style tensor parallelism (issue #6); only 1 is supported so far."""
+    """Megatron-style tensor parallelism of attention and the dense MLPs (megatron-core); tp
+    consecutive ranks form a group (keep it within a node); divides num_heads and mlp_dim."""
     world_size: int | None = None
     """The number of ranks this config is written for (checked at start); None = any."""
 
@@ -45,8 +46,6 @@ class ParallelConfig:
             _check(isinstance(v, int) and v >= 1, f"parallel.{k}", f"must be an int >= 1, got {v!r}")
         _check(self.world_size is None or (isinstance(self.world_size, int) and self.world_size >= 1),
                "parallel.world_size", f"must be null or an int >= 1, got {self.world_size!r}")
-        _check(self.tensor_parallel_size == 1, "parallel.tensor_parallel_size",
-               "tensor parallelism is not implemented yet (issue #6); set it to 1")
 
 
 @dataclass(kw_only=True)
@@ -291,6 +290,9 @@ def _check_layout(cfg: RunConfig, world_size: int) -> None:
                f"ep={ep} does not divide model.moe.num_experts={E}; use a divisor of {E}")
     else:
         _check(ep == 1, "parallel.expert_parallel_size", "the model has no MoE layer (dense twin); set it to 1")
+    for what, n in (("num_heads", cfg.model.num_heads), ("mlp_dim", cfg.model.mlp_dim)):
+        _check(n % tp == 0, "parallel.tensor_parallel_size",
+               f"tp={tp} does not divide model.{what}={n}; use a divisor of {n}")
 
 
 def load(path: str | os.PathLike, overrides: list[str] | None = None, *, world_size: int,

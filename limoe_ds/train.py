@@ -113,17 +113,23 @@ def routing_scalars(routing: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def _build(cfg: RunConfig, rank: int, world: int):
-    from limoe_ds.engine import Layout, build_engine
+    from limoe_ds import parallel
+    from limoe_ds.engine import build_engine
     from limoe_ds.model import build_model
-    layout = Layout(rank=rank, world_size=world, ep=cfg.parallel.expert_parallel_size)
+    layout = parallel.Layout(rank=rank, world_size=world, ep=cfg.parallel.expert_parallel_size,
+                             tp=cfg.parallel.tensor_parallel_size)
+    parallel.setup(layout)
     tokenizer = Tokenizer.from_file(cfg.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer: vocabulary {tokenizer.vocab_size} > model.vocab_size {cfg.model.vocab_size}; "
                           f"train a smaller tokenizer or raise model.vocab_size")
-    model = build_model(cfg.model, ep_size=layout.ep, ep_rank=layout.ep_rank, seed=cfg.train.seed)
+    model = build_model(cfg.model, ep_size=layout.ep, ep_rank=layout.ep_rank, seed=cfg.train.seed,
+                        tp=parallel.TensorParallel(layout.tp, layout.tp_rank))
     if cfg.train.activation_checkpointing:
         model.activation_checkpointing = True
-    torch.manual_seed(cfg.train.seed * 1000 + rank)  # router noise: independent per rank
+    # router noise: independent per data-parallel rank, identical on tensor-parallel peers (they
+    # must route their shared tokens the same way)
+    torch.manual_seed(cfg.train.seed * 1000 + layout.dp_rank)
     engine, scheduler = build_engine(model, cfg.deepspeed)
     mb = cfg.micro_batch_size
     train_loader = build_train_loader(cfg.data, image_size=cfg.model.image_size, tokenizer=tokenizer,
@@ -181,6 +187,15 @@ def _save(engine, loader, ckpt_root: Path, step: int, cfg: RunConfig) -> Path:
 
 
 def train(cfg: RunConfig, *, rank: int, world: int, resume: str = "auto") -> dict:
+    """Train (resuming per ``resume``), evaluate, and return the run summary (every rank)."""
+    from limoe_ds import parallel
+    try:
+        return _train(cfg, rank=rank, world=world, resume=resume)
+    finally:
+        parallel.teardown()  # the layout's process groups belong to this run
+
+
+def _train(cfg: RunConfig, *, rank: int, world: int, resume: str) -> dict:
     from limoe_ds.engine import train_step
     run_dir = Path(cfg.train.run_dir)
     ckpt_root = run_dir / "checkpoints"

@@ -34,15 +34,17 @@ with contextlib.redirect_stdout(sys.stderr):
 
 from limoe_ds.config import MoEConfig
 from limoe_ds.moe.routing import Routing, expert_capacity, route_top1
+from limoe_ds.parallel import TensorParallel
 
 
 class MLP(nn.Module):
-    """Transformer FFN; also the expert module (one expert = one MLP of the dense twin's size)."""
+    """Transformer FFN; also the expert module (one expert = one MLP of the dense twin's size).
+    With tensor parallelism (dense blocks only) fc1 is column- and fc2 row-parallel."""
 
-    def __init__(self, width: int, mlp_dim: int) -> None:
+    def __init__(self, width: int, mlp_dim: int, tp: TensorParallel = TensorParallel()) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(width, mlp_dim)
-        self.fc2 = nn.Linear(mlp_dim, width)
+        self.fc1 = tp.column(width, mlp_dim)
+        self.fc2 = tp.row(mlp_dim, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
