@@ -54,6 +54,53 @@ def test_zero_shot_classifier_is_the_renormalised_mean_of_normalised_prompts():
     assert correct[2].tolist() == [True, True, True]
 
 
+def test_several_captions_per_image_ranks_worked_by_hand():
+    # 3 images; captions 0-1 describe image 0, 2-4 image 1, 5 image 2.
+    image_of_caption = torch.tensor([0, 0, 1, 1, 1, 2])
+    scores = torch.tensor([[0.1, 0.9, 0.9, 0.2, 0.3, 0.0],
+                           [0.8, 0.1, 0.3, 0.5, 0.7, 0.5],
+                           [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]])
+    # image->text: the best own caption against the OTHER images' captions, ties against.
+    # image 0: best own 0.9 (caption 1); caption 2 (image 1's) ties it -> rank 1
+    # image 1: best own 0.7 (caption 4); caption 0 scores 0.8 -> rank 1
+    # image 2: own 0.5; no other caption reaches 0.5 -> rank 0
+    assert metrics.image_to_text_ranks(scores, image_of_caption).tolist() == [1, 1, 0]
+    # text->image: one correct image per caption (the columns above), ties against.
+    # c0 [.1 .8 0] -> 1; c1 [.9 .1 .1] -> 0; c2 [.9 .3 .2] -> 1; c3 [.2 .5 .3] -> 0; c4 [.3 .7 .4] -> 0;
+    # c5 [0 .5 .5]: image 1 ties its image 2 -> 1
+    assert metrics.target_ranks(scores.t(), image_of_caption).tolist() == [1, 0, 1, 0, 0, 1]
+    # An image's own captions never compete with each other: two tied at the top -> rank 0.
+    assert metrics.image_to_text_ranks(torch.tensor([[0.5, 0.5, 0.1], [0.0, 0.0, 0.9]]),
+                                       torch.tensor([0, 0, 1])).tolist() == [0, 0]
+
+
+def test_several_captions_per_image_recall_equals_a_python_loop():
+    gen = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(7, 4, generator=gen), dim=-1)
+    image_of_caption = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 5, 6, 6, 6, 6])
+    txt = torch.nn.functional.normalize(img[image_of_caption] + 0.8 * torch.randn(14, 4, generator=gen), dim=-1)
+    txt[3] = txt[1]  # a tie across images
+    scores = (img @ txt.t()).tolist()
+    ks = (1, 2, 5)
+    i2t = {k: 0 for k in ks}
+    t2i = {k: 0 for k in ks}
+    for i, row in enumerate(scores):  # slow reference: "any own caption within the top k", ties against
+        own = [m for m, j in enumerate(image_of_caption.tolist()) if j == i]
+        best = max(row[m] for m in own)
+        rank = sum(1 for m, s in enumerate(row) if m not in own and s >= best)
+        for k in ks:
+            i2t[k] += rank < k
+    for m, i in enumerate(image_of_caption.tolist()):
+        col = [scores[j][m] for j in range(len(scores))]
+        rank = sum(1 for j, s in enumerate(col) if j != i and s >= col[i])
+        for k in ks:
+            t2i[k] += rank < k
+    want = {**{f"i2t/R@{k}": v / 7 for k, v in i2t.items()}, **{f"t2i/R@{k}": v / 14 for k, v in t2i.items()}}
+    for chunk in (1, 3, 1024):  # chunked scoring equals one block
+        got = metrics.retrieval_metrics(img, txt, image_of_caption_M=image_of_caption, ks=ks, chunk=chunk)
+        assert got == pytest.approx(want), chunk
+
+
 # ---- 2 ranks (expert-parallel 2, DeepSpeed engine) vs 1 rank, dropless -----------------------------
 def _eval_worker(rank, world):
     from limoe_ds.data import DataConfig, Tokenizer, build_eval_loader
