@@ -225,11 +225,11 @@ def test_default_templates_come_from_an_installed_open_clip(tmp_path, monkeypatc
 
 def _bench_worker(rank, world, specs):
     """Both benchmarks on 1 or 2 ranks (expert-parallel = world), one image / caption per batch so
-    the ranks run different numbers of real batches (lockstep dummies)."""
-    from limoe_ds.data import Tokenizer
+    the ranks run different numbers of real batches (lockstep dummies), plus a recorded val pass."""
+    from limoe_ds.data import DataConfig, Tokenizer, build_eval_loader
     from limoe_ds.data.benchmarks import load_benchmark
     from limoe_ds.engine import build_engine
-    from limoe_ds.eval.run import capacity, caption_retrieval, zero_shot
+    from limoe_ds.eval.run import RoutingRecord, capacity, caption_retrieval, embed_pairs, zero_shot
     from limoe_ds.model import build_model
     tok = Tokenizer.from_file(str(MINI / "tokenizer.json"))
     model = build_model("tiny", ep_size=world, ep_rank=rank, seed=3)
@@ -242,14 +242,18 @@ def _bench_worker(rank, world, specs):
     with capacity(model, None):
         zs = zero_shot(model, classes, tok, dp_rank=rank, dp_size=world, batch_size=1)
         ret = caption_retrieval(model, coco, tok, dp_rank=rank, dp_size=world, batch_size=1)
-    return zs, ret
+        record = RoutingRecord(sample_images=3 if rank == 0 else 0)
+        val = build_eval_loader(DataConfig(val=str(MINI / "val"), num_workers=0), image_size=32, tokenizer=tok,
+                                text_len=16, batch_size=100, dp_rank=rank, dp_size=world)
+        embed_pairs(model, val, max_batches=2, record=record)
+    return zs, ret, record.summary(), None if record.images_BCHW is None else tuple(record.images_BCHW.shape)
 
 
 def test_benchmarks_on_two_ranks_equal_one_rank_and_a_slow_reference(bench):
     specs = _specs(bench)
     one = run_ranks(_bench_worker, 1, specs)[0]
     two = run_ranks(_bench_worker, 2, specs)
-    zs, ret = one
+    zs, ret, summary, shape = one
     # known counts: 6 readable class images of 7, 4 readable test images of 6 with 9 captions between them
     assert zs["images"] == 6 and zs["skipped_images"] == 1 and zs["chance_top1"] == pytest.approx(1 / 3)
     assert set(zs) == {"top1", "top5", "images", "skipped_images", "chance_top1"}  # no seen/unseen split
@@ -257,6 +261,11 @@ def test_benchmarks_on_two_ranks_equal_one_rank_and_a_slow_reference(bench):
     assert ret["images"] == 4 and ret["captions"] == 9 and ret["skipped_images"] == 2
     for r in range(2):
         assert two[r][0] == pytest.approx(zs) and two[r][1] == pytest.approx(ret)
+        assert json.dumps(two[r][2]) == json.dumps(two[0][2])  # counts summed over ranks: the same everywhere
+    assert shape == (3, 3, 32, 32) and two[0][3] == (3, 3, 32, 32) and two[1][3] is None
+    # 2 val batches of 100 pairs per rank, every patch routed (dropless)
+    assert summary["layer1"]["image"]["routed_tokens"] == 200 * 16
+    assert two[0][2]["layer1"]["image"]["routed_tokens"] == 2 * 200 * 16
     # slow reference on one process: embed every readable image and caption alone, rank by loops
     from limoe_ds.data import Tokenizer
     from limoe_ds.data.benchmarks import load_benchmark, load_image
@@ -330,6 +339,21 @@ def tiny_run(tmp_path_factory):
     init_distributed()
     train(run_config.resolve(raw, world_size=1), rank=0, world=1, resume="none")
     return run_dir
+
+
+def test_training_logs_expert_figures_to_tensorboard_at_each_evaluation(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tiny_run / "tensorboard"))
+    acc.Reload()
+    tags = {"experts/modality", "experts/patches_layer1", "experts/patches_layer3"}
+    assert set(acc.Tags()["images"]) == tags
+    for tag in tags:
+        assert [e.step for e in acc.Images(tag)] == [2, 4], tag  # the in-training and the final evaluation
+    chart = acc.Images("experts/modality")[-1]
+    assert (chart.width, chart.height) == (440, 180)  # 2 MoE layers x 220, 160 + 20
+    overlay = acc.Images("experts/patches_layer3")[-1]
+    assert (overlay.width, overlay.height) == (2 * 32 * 4, 4 * 32 * 4)  # 4 images beside their patch grids
+    assert "dropless/retrieval/i2t/R@1" in acc.Tags()["scalars"]
 
 
 def test_evaluate_tool_reports_the_benchmarks_of_a_checkpoint(tiny_run, bench, tmp_path, capsys):

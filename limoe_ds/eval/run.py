@@ -5,13 +5,15 @@ depends on what else is in the batch, so that number is reported beside, not ins
 Expert-parallel ranks must run the same number of forward passes (the all-to-all), and data-
 parallel ranks may hold different numbers of evaluation batches, so every pass walks the data in
 lockstep (``lockstep``): a rank that has run out forwards a dummy batch whose outputs are dropped.
-Legend: N images, M captions, K embedding width.
+Legend: N images, M captions, K embedding width, B batch, I image patches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -20,6 +22,7 @@ import torch.distributed as dist
 from limoe_ds.data.errors import SKIP_REASONS
 from limoe_ds.eval import metrics
 from limoe_ds.losses import contrastive_loss
+from limoe_ds.moe import diagnostics
 
 
 def _dist() -> bool:
@@ -82,22 +85,93 @@ def _dummy_pair(model):
             "tokens": torch.ones(1, c.text_len, dtype=torch.long)}
 
 
+@dataclass
+class RoutingRecord:
+    """What a validation pass routed, for the expert figures (``limoe_ds.eval.figures``).
+
+    ``totals``: the routing counts of every rank's real batches, summed over ranks (so EVERY rank must
+    pass a record to the same call: the sum is a collective). ``images_BCHW`` / ``experts_BI``: this
+    rank's first ``sample_images`` validation images and, per MoE layer index, the expert each patch
+    went to (local forward hooks, no communication; 0 = none, e.g. on ranks that draw nothing)."""
+
+    sample_images: int = 0
+    totals: dict[str, torch.Tensor] = field(default_factory=dict)
+    images_BCHW: torch.Tensor | None = None
+    experts_BI: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, dict]:
+        """Per MoE layer and modality (``diagnostics.summarize``)."""
+        return diagnostics.summarize(self.totals)
+
+    def add(self, out, real: bool) -> None:
+        # A dummy pass adds zeros, so every rank holds the same keys for the sum.
+        diagnostics.accumulate(self.totals, out.routing_stats if real else
+                               {k: torch.zeros_like(v) for k, v in out.routing_stats.items()})
+
+    def take_sample(self, images_BCHW: torch.Tensor, expert_S: dict[int, torch.Tensor], patches: int) -> None:
+        """Keep the first images and their patches' experts (the pool holds image tokens first)."""
+        n = min(self.sample_images, images_BCHW.shape[0])
+        self.images_BCHW = images_BCHW[:n].detach().float().cpu()
+        self.experts_BI = {k: v[:images_BCHW.shape[0] * patches].view(-1, patches)[:n].cpu()
+                           for k, v in expert_S.items()}
+
+
+def _capture(store: dict[int, torch.Tensor], index: int, _module, _inputs, output) -> None:
+    store[index] = output[1].expert_N.detach()  # LIMoELayer -> (y, Routing)
+
+
+@contextlib.contextmanager
+def expert_choices(model, enabled: bool = True) -> Iterator[dict[int, torch.Tensor]]:
+    """While open: {MoE layer index: expert id of each routed slot in the latest forward pass}."""
+    store: dict[int, torch.Tensor] = {}
+    hooks = [b.ffn.register_forward_hook(functools.partial(_capture, store, b.index))
+             for b in model.blocks if b.is_moe] if enabled else []
+    try:
+        yield store
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def sum_routing_over_ranks(totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Routing counts summed over ranks, capacities their max (two all-reduces, sorted keys)."""
+    if not _dist() or not totals:
+        return totals
+    out = dict(totals)
+    for op, keys in ((dist.ReduceOp.SUM, sorted(k for k in totals if not k.endswith("/capacity"))),
+                     (dist.ReduceOp.MAX, sorted(k for k in totals if k.endswith("/capacity")))):
+        if keys:
+            flat = torch.cat([totals[k].reshape(-1).double() for k in keys])
+            dist.all_reduce(flat, op=op)
+            out.update({k: v.view_as(totals[k]).float()
+                        for k, v in zip(keys, flat.split([totals[k].numel() for k in keys]))})
+    return out
+
+
 @torch.no_grad()
-def embed_pairs(model, loader, *, max_batches: int = 0) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+def embed_pairs(model, loader, *, max_batches: int = 0,
+                record: RoutingRecord | None = None) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     """All ranks' validation pairs -> (image_emb, text_emb) in rank order, plus the mean in-batch
-    contrastive loss over all pairs and the number of pairs."""
+    contrastive loss over all pairs and the number of pairs. ``record``: see RoutingRecord."""
     device = _device(model)
     imgs, txts, loss_sum = [], [], torch.zeros(2, dtype=torch.float64, device=device)
-    for n, (batch, real) in enumerate(lockstep(loader, device, lambda: _dummy_pair(model))):
-        if max_batches and n >= max_batches:
-            break  # every rank reaches the same n: lockstep
-        out = model(batch["images"].to(device), batch["tokens"].to(device))
-        if real:
-            B = out.image_emb.shape[0]
-            imgs.append(out.image_emb.float())
-            txts.append(out.text_emb.float())
-            loss_sum += torch.tensor([contrastive_loss(out.image_emb, out.text_emb, out.logit_scale).item() * B, B],
-                                     dtype=torch.float64, device=device)
+    with expert_choices(model, enabled=record is not None and record.sample_images > 0) as experts:
+        for n, (batch, real) in enumerate(lockstep(loader, device, lambda: _dummy_pair(model))):
+            if max_batches and n >= max_batches:
+                break  # every rank reaches the same n: lockstep
+            out = model(batch["images"].to(device), batch["tokens"].to(device))
+            if record is not None:
+                record.add(out, real)
+                if real and experts and record.images_BCHW is None:
+                    record.take_sample(batch["images"], experts, model.cfg.num_patches)
+            if real:
+                B = out.image_emb.shape[0]
+                imgs.append(out.image_emb.float())
+                txts.append(out.text_emb.float())
+                loss_sum += torch.tensor([contrastive_loss(out.image_emb, out.text_emb, out.logit_scale).item() * B, B],
+                                         dtype=torch.float64, device=device)
+    if record is not None:
+        record.totals = sum_routing_over_ranks(record.totals)
     if _dist():
         dist.all_reduce(loss_sum)
     K = model.cfg.embed_dim
@@ -230,11 +304,11 @@ def caption_retrieval(model, cs, tokenizer, *, dp_rank: int, dp_size: int, batch
 
 
 def evaluate(model, *, val_loader=None, zero_shot_sets=(), retrieval_sets=(), tokenizer=None, dp_rank: int = 0,
-             dp_size: int = 1, max_batches: int = 0) -> dict[str, float]:
+             dp_size: int = 1, max_batches: int = 0, record: RoutingRecord | None = None) -> dict[str, float]:
     """All metrics, dropless and at the training capacity factor, keyed 'dropless/...' / 'train_cf/...'.
 
     ``zero_shot_sets``: ZeroShotSet / ClassFolderSet (keys .../zeroshot/NAME/...); ``retrieval_sets``:
-    CaptionSet (keys .../retrieval/NAME/...)."""
+    CaptionSet (keys .../retrieval/NAME/...); ``record``: filled by the dropless validation pass."""
     was_training = model.training
     model.eval()
     modes = {"dropless": None}
@@ -245,7 +319,8 @@ def evaluate(model, *, val_loader=None, zero_shot_sets=(), retrieval_sets=(), to
         for mode, cf in modes.items():
             with capacity(model, cf):
                 if val_loader is not None:
-                    img, txt, loss, pairs = embed_pairs(model, val_loader, max_batches=max_batches)
+                    img, txt, loss, pairs = embed_pairs(model, val_loader, max_batches=max_batches,
+                                                        record=record if mode == "dropless" else None)
                     out[f"{mode}/val/contrastive"] = loss
                     out[f"{mode}/val/pairs"] = pairs
                     out.update({f"{mode}/retrieval/{k}": v for k, v in metrics.retrieval_metrics(img, txt).items()})
