@@ -157,7 +157,7 @@ def _specs(b: dict) -> list[str]:
 
 def test_benchmark_readers_index_what_the_formats_say(bench):
     from limoe_ds.data.benchmarks import CaptionSet, ClassFolderSet, load_benchmark
-    classes, coco = (load_benchmark(s) for s in _specs(bench))
+    classes, coco = (load_benchmark(s, threads=2) for s in _specs(bench))  # decoded by 2 threads, in order
     assert isinstance(classes, ClassFolderSet) and isinstance(coco, CaptionSet)
     assert classes.name == "imagenet" and coco.name == "coco"
     # sorted folders n001, n002, n003 -> labels 0, 1, 2; the .txt is not an image; the broken PNG is listed
