@@ -70,6 +70,14 @@ class MetricsLog:
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.writer.add_scalar(k, v, step)
 
+    def write_images(self, step: int, images: dict) -> None:
+        """Pillow images as TensorBoard image summaries (HWC uint8)."""
+        if self.writer is not None:
+            import numpy as np
+            for tag, img in images.items():
+                self.writer.add_image(tag, np.asarray(img.convert("RGB")), step, dataformats="HWC")
+            self.writer.flush()
+
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
@@ -142,25 +150,45 @@ def _build(cfg: RunConfig, rank: int, world: int):
                                        dp_rank=layout.dp_rank, dp_size=layout.dp)
     from limoe_ds.data.zeroshot import load_zeroshot_set
     evaluator = Evaluator(val_loader, [load_zeroshot_set(z) for z in cfg.eval.zero_shot], tokenizer, layout,
-                          cfg.eval.max_batches)
+                          cfg.eval.max_batches, figures=cfg.logging.tensorboard and cfg.model.moe is not None)
     return layout, engine, scheduler, train_loader, evaluator
 
 
 @dataclass
 class Evaluator:
-    """Held-out pairs (loss, retrieval) and zero-shot sets, dropless and at the training capacity."""
+    """Held-out pairs (loss, retrieval) and zero-shot sets, dropless and at the training capacity;
+    with ``figures``, also the expert figures of the dropless validation pass (drawn on rank 0)."""
 
     val_loader: object
     zero_shot_sets: list
     tokenizer: object
     layout: object
     max_batches: int
+    figures: bool = False
+    figure_images: int = 4
+    """Validation images in the patch->expert overlays."""
 
-    def __call__(self, model) -> dict[str, float]:
-        from limoe_ds.eval.run import evaluate
-        return evaluate(model, val_loader=self.val_loader, zero_shot_sets=self.zero_shot_sets,
-                        tokenizer=self.tokenizer, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp,
-                        max_batches=self.max_batches)
+    def __call__(self, model) -> tuple[dict[str, float], dict]:
+        """-> (scalars, {tag: Pillow image}); the images only on rank 0, the routing counts behind them
+        summed on every rank (config-wide condition: every rank runs the same collectives)."""
+        from limoe_ds.eval.run import RoutingRecord, evaluate
+        record = None
+        if self.figures and self.val_loader is not None:
+            record = RoutingRecord(sample_images=self.figure_images if is_main() else 0)
+        scalars = evaluate(model, val_loader=self.val_loader, zero_shot_sets=self.zero_shot_sets,
+                           tokenizer=self.tokenizer, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp,
+                           max_batches=self.max_batches, record=record)
+        if record is None or not is_main():
+            return scalars, {}
+        from limoe_ds.eval.figures import routing_figures
+        return scalars, routing_figures(record.summary(), record.images_BCHW, record.experts_BI)
+
+
+def _evaluate(evaluator: Evaluator, model, metrics: MetricsLog, step: int) -> dict[str, float]:
+    scalars, images = evaluator(model)
+    metrics.write(step, scalars)
+    metrics.write_images(step, images)
+    return scalars
 
 
 def _resume(engine, loader, ckpt_root: Path, resume: str) -> tuple[int, dict | None]:
@@ -236,7 +264,7 @@ def _train(cfg: RunConfig, *, rank: int, world: int, resume: str) -> dict:
                                skipped_total)
             window = Window()
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
-            metrics.write(step, evaluator(engine.module))
+            _evaluate(evaluator, engine.module, metrics, step)
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.steps:
             _save(engine, loader, ckpt_root, step, cfg)
     if bar is not None:
@@ -282,8 +310,7 @@ def _sum_counts(counts: dict[str, int]) -> dict[str, int]:
 
 
 def _final(engine, evaluator, metrics, step, start, losses, loader, skipped, ckpt_root, run_dir) -> dict:
-    results = evaluator(engine.module)
-    metrics.write(step, results)
+    results = _evaluate(evaluator, engine.module, metrics, step)
     return {"steps": step, "resumed_from_step": start, "final_train_contrastive": losses[-1] if losses else None,
             "eval": {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()},
             "skipped_steps": skipped, "data_skips": {k: v for k, v in _sum_counts(loader.skip_counts()).items() if v},

@@ -5,19 +5,24 @@ depends on what else is in the batch, so that number is reported beside, not ins
 Expert-parallel ranks must run the same number of forward passes (the all-to-all), and data-
 parallel ranks may hold different numbers of evaluation batches, so every pass walks the data in
 lockstep (``lockstep``): a rank that has run out forwards a dummy batch whose outputs are dropped.
+Legend: N images, M captions, K embedding width, B batch, I image patches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 
+from limoe_ds.data.errors import SKIP_REASONS
 from limoe_ds.eval import metrics
 from limoe_ds.losses import contrastive_loss
+from limoe_ds.moe import diagnostics
 
 
 def _dist() -> bool:
@@ -80,22 +85,93 @@ def _dummy_pair(model):
             "tokens": torch.ones(1, c.text_len, dtype=torch.long)}
 
 
+@dataclass
+class RoutingRecord:
+    """What a validation pass routed, for the expert figures (``limoe_ds.eval.figures``).
+
+    ``totals``: the routing counts of every rank's real batches, summed over ranks (so EVERY rank must
+    pass a record to the same call: the sum is a collective). ``images_BCHW`` / ``experts_BI``: this
+    rank's first ``sample_images`` validation images and, per MoE layer index, the expert each patch
+    went to (local forward hooks, no communication; 0 = none, e.g. on ranks that draw nothing)."""
+
+    sample_images: int = 0
+    totals: dict[str, torch.Tensor] = field(default_factory=dict)
+    images_BCHW: torch.Tensor | None = None
+    experts_BI: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, dict]:
+        """Per MoE layer and modality (``diagnostics.summarize``)."""
+        return diagnostics.summarize(self.totals)
+
+    def add(self, out, real: bool) -> None:
+        # A dummy pass adds zeros, so every rank holds the same keys for the sum.
+        diagnostics.accumulate(self.totals, out.routing_stats if real else
+                               {k: torch.zeros_like(v) for k, v in out.routing_stats.items()})
+
+    def take_sample(self, images_BCHW: torch.Tensor, expert_S: dict[int, torch.Tensor], patches: int) -> None:
+        """Keep the first images and their patches' experts (the pool holds image tokens first)."""
+        n = min(self.sample_images, images_BCHW.shape[0])
+        self.images_BCHW = images_BCHW[:n].detach().float().cpu()
+        self.experts_BI = {k: v[:images_BCHW.shape[0] * patches].view(-1, patches)[:n].cpu()
+                           for k, v in expert_S.items()}
+
+
+def _capture(store: dict[int, torch.Tensor], index: int, _module, _inputs, output) -> None:
+    store[index] = output[1].expert_N.detach()  # LIMoELayer -> (y, Routing)
+
+
+@contextlib.contextmanager
+def expert_choices(model, enabled: bool = True) -> Iterator[dict[int, torch.Tensor]]:
+    """While open: {MoE layer index: expert id of each routed slot in the latest forward pass}."""
+    store: dict[int, torch.Tensor] = {}
+    hooks = [b.ffn.register_forward_hook(functools.partial(_capture, store, b.index))
+             for b in model.blocks if b.is_moe] if enabled else []
+    try:
+        yield store
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def sum_routing_over_ranks(totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Routing counts summed over ranks, capacities their max (two all-reduces, sorted keys)."""
+    if not _dist() or not totals:
+        return totals
+    out = dict(totals)
+    for op, keys in ((dist.ReduceOp.SUM, sorted(k for k in totals if not k.endswith("/capacity"))),
+                     (dist.ReduceOp.MAX, sorted(k for k in totals if k.endswith("/capacity")))):
+        if keys:
+            flat = torch.cat([totals[k].reshape(-1).double() for k in keys])
+            dist.all_reduce(flat, op=op)
+            out.update({k: v.view_as(totals[k]).float()
+                        for k, v in zip(keys, flat.split([totals[k].numel() for k in keys]))})
+    return out
+
+
 @torch.no_grad()
-def embed_pairs(model, loader, *, max_batches: int = 0) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+def embed_pairs(model, loader, *, max_batches: int = 0,
+                record: RoutingRecord | None = None) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     """All ranks' validation pairs -> (image_emb, text_emb) in rank order, plus the mean in-batch
-    contrastive loss over all pairs and the number of pairs."""
+    contrastive loss over all pairs and the number of pairs. ``record``: see RoutingRecord."""
     device = _device(model)
     imgs, txts, loss_sum = [], [], torch.zeros(2, dtype=torch.float64, device=device)
-    for n, (batch, real) in enumerate(lockstep(loader, device, lambda: _dummy_pair(model))):
-        if max_batches and n >= max_batches:
-            break  # every rank reaches the same n: lockstep
-        out = model(batch["images"].to(device), batch["tokens"].to(device))
-        if real:
-            B = out.image_emb.shape[0]
-            imgs.append(out.image_emb.float())
-            txts.append(out.text_emb.float())
-            loss_sum += torch.tensor([contrastive_loss(out.image_emb, out.text_emb, out.logit_scale).item() * B, B],
-                                     dtype=torch.float64, device=device)
+    with expert_choices(model, enabled=record is not None and record.sample_images > 0) as experts:
+        for n, (batch, real) in enumerate(lockstep(loader, device, lambda: _dummy_pair(model))):
+            if max_batches and n >= max_batches:
+                break  # every rank reaches the same n: lockstep
+            out = model(batch["images"].to(device), batch["tokens"].to(device))
+            if record is not None:
+                record.add(out, real)
+                if real and experts and record.images_BCHW is None:
+                    record.take_sample(batch["images"], experts, model.cfg.num_patches)
+            if real:
+                B = out.image_emb.shape[0]
+                imgs.append(out.image_emb.float())
+                txts.append(out.text_emb.float())
+                loss_sum += torch.tensor([contrastive_loss(out.image_emb, out.text_emb, out.logit_scale).item() * B, B],
+                                         dtype=torch.float64, device=device)
+    if record is not None:
+        record.totals = sum_routing_over_ranks(record.totals)
     if _dist():
         dist.all_reduce(loss_sum)
     K = model.cfg.embed_dim
@@ -117,23 +193,53 @@ def embed_texts(model, tokenizer, texts: list[str], *, batch_size: int = 256) ->
 
 
 @torch.no_grad()
+def embed_texts_split(model, tokenizer, texts: list[str], *, dp_rank: int, dp_size: int,
+                      batch_size: int = 256) -> torch.Tensor:
+    """Each rank embeds its contiguous share of the texts; gathered in rank order = text order."""
+    from limoe_ds.data.benchmarks import rank_share
+    device = _device(model)
+    share = rank_share(len(texts), dp_rank, dp_size)
+    mine = texts[share.start:share.stop]
+    batches = (mine[i:i + batch_size] for i in range(0, len(mine), batch_size))
+    out = []
+    for chunk, real in lockstep(batches, device, lambda: None):
+        tokens = (tokenizer.encode_batch(chunk, model.cfg.text_len) if real else
+                  torch.ones(1, model.cfg.text_len, dtype=torch.long))
+        emb = model.encode_text(tokens.to(device)).float()
+        if real:
+            out.append(emb)
+    return gather_rows(torch.cat(out) if out else torch.zeros(0, model.cfg.embed_dim, device=device))
+
+
+def _dummy_labelled_image(model):
+    c = model.cfg
+    return torch.zeros(1, c.channels, c.image_size, c.image_size), torch.zeros(1, dtype=torch.long)
+
+
+def _skipped(counts: dict[str, int]) -> int:
+    return sum(counts[r] for r in SKIP_REASONS)
+
+
+@torch.no_grad()
 def zero_shot(model, zs, tokenizer, *, dp_rank: int, dp_size: int, batch_size: int = 500) -> dict[str, float]:
-    """Top-1/top-5 accuracy over the set, and top-1 on its seen and unseen classes separately."""
+    """Top-1/top-5 accuracy over the set and the images that could not be read (skipped, counted);
+    where the set names the classes seen in training, top-1 on its seen and unseen classes apart.
+    ``zs``: a ZeroShotSet or a benchmarks.ClassFolderSet (no seen/unseen split)."""
     device = _device(model)
     prompts = zs.prompts()  # [C][T]
     C, T = len(prompts), len(prompts[0])
     classifier_CK = metrics.zero_shot_classifier(
         embed_texts(model, tokenizer, [p for ps in prompts for p in ps]).view(C, T, -1))
     c = model.cfg
-    dummy = lambda: (torch.zeros(1, c.channels, c.image_size, c.image_size), torch.zeros(1, dtype=torch.long))  # noqa: E731
-    # top1, top5, n, seen top1, seen n, unseen top1 (10-way), unseen top1 among the unseen names only
-    counts = torch.zeros(7, dtype=torch.float64, device=device)
-    seen = torch.tensor(sorted(zs.seen_classes), device=device)
-    unseen = torch.tensor(sorted(zs.unseen_classes), device=device)
+    split = bool(zs.seen_classes or zs.unseen_classes)
+    # top1, top5, n, seen top1, seen n, unseen top1 (C-way), unseen top1 among the unseen names only, skipped
+    counts = torch.zeros(8, dtype=torch.float64, device=device)
+    seen = torch.tensor(sorted(zs.seen_classes), dtype=torch.long, device=device)
+    unseen = torch.tensor(sorted(zs.unseen_classes), dtype=torch.long, device=device)
     remap = torch.full((C,), 0, dtype=torch.long, device=device)
     remap[unseen] = torch.arange(len(unseen), device=device)
     batches = zs.iter_batches(image_size=c.image_size, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size)
-    for (images, labels), real in lockstep(batches, device, dummy):
+    for (images, labels), real in lockstep(batches, device, lambda: _dummy_labelled_image(model)):
         image_emb = model.encode_image(images.to(device))
         labels = labels.to(device)
         correct = metrics.topk_correct(image_emb, classifier_CK, labels)
@@ -141,23 +247,68 @@ def zero_shot(model, zs, tokenizer, *, dp_rank: int, dp_size: int, batch_size: i
             continue
         is_seen = torch.isin(labels, seen)
         top1 = correct[1].double()
-        among_unseen = metrics.topk_correct(image_emb, classifier_CK[unseen], remap[labels], ks=(1,))[1] & ~is_seen
-        counts += torch.stack([top1.sum(), correct[5].double().sum(), torch.tensor(float(len(labels)), device=device),
-                               (top1 * is_seen).sum(), is_seen.double().sum(), (top1 * ~is_seen).sum(),
-                               among_unseen.double().sum()])
+        among_unseen = (metrics.topk_correct(image_emb, classifier_CK[unseen], remap[labels], ks=(1,))[1] & ~is_seen
+                        if len(unseen) else torch.zeros_like(is_seen))
+        n = torch.tensor(float(len(labels)), dtype=torch.float64, device=device)
+        counts[:7] += torch.stack([top1.sum(), correct[5].double().sum(), n, (top1 * is_seen).sum(),
+                                   is_seen.double().sum(), (top1 * ~is_seen).sum(), among_unseen.double().sum()])
+    counts[7] = _skipped(zs.skip_counts)
     if _dist():
         dist.all_reduce(counts)
-    top1, top5, n, seen_top1, n_seen, unseen_top1, among = counts.tolist()
-    n_unseen = n - n_seen
-    return {"top1": top1 / n, "top5": top5 / n, "seen_top1": seen_top1 / n_seen if n_seen else math.nan,
-            "unseen_top1": unseen_top1 / n_unseen if n_unseen else math.nan,
-            "unseen_top1_among_unseen": among / n_unseen if n_unseen else math.nan, "images": int(n),
-            "chance_top1": 1.0 / C, "chance_among_unseen": 1.0 / len(unseen) if len(unseen) else math.nan}
+    top1, top5, n, seen_top1, n_seen, unseen_top1, among, skipped = counts.tolist()
+    out = {"top1": top1 / n if n else math.nan, "top5": top5 / n if n else math.nan, "images": int(n),
+           "skipped_images": int(skipped), "chance_top1": 1.0 / C}
+    if split:
+        n_unseen = n - n_seen
+        out.update({"seen_top1": seen_top1 / n_seen if n_seen else math.nan,
+                    "unseen_top1": unseen_top1 / n_unseen if n_unseen else math.nan,
+                    "unseen_top1_among_unseen": among / n_unseen if n_unseen else math.nan,
+                    "chance_among_unseen": 1.0 / len(unseen) if len(unseen) else math.nan})
+    return out
 
 
-def evaluate(model, *, val_loader=None, zero_shot_sets=(), tokenizer=None, dp_rank: int = 0, dp_size: int = 1,
-             max_batches: int = 0) -> dict[str, float]:
-    """All metrics, dropless and at the training capacity factor, keyed 'dropless/...' / 'train_cf/...'."""
+@torch.no_grad()
+def embed_images(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, ids) batches of this rank -> every rank's (image_emb [N, K], ids [N]) in rank order."""
+    device = _device(model)
+    embs, ids = [], []
+    for (images, idx), real in lockstep(batches, device, lambda: _dummy_labelled_image(model)):
+        emb = model.encode_image(images.to(device)).float()
+        if real:
+            embs.append(emb)
+            ids.append(idx.to(device))
+    K = model.cfg.embed_dim
+    return (gather_rows(torch.cat(embs) if embs else torch.zeros(0, K, device=device)),
+            gather_rows(torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long, device=device)))
+
+
+@torch.no_grad()
+def caption_retrieval(model, cs, tokenizer, *, dp_rank: int, dp_size: int, batch_size: int = 256) -> dict[str, float]:
+    """Image->text and text->image Recall@1/5/10 on a ``benchmarks.CaptionSet`` (several captions per
+    image). Ranks embed disjoint parts of the images and of the captions; an image that could not be
+    read is skipped and counted, and its captions leave the text->image queries."""
+    device = _device(model)
+    img_NK, image_id_N = embed_images(model, cs.iter_batches(image_size=model.cfg.image_size, batch_size=batch_size,
+                                                             dp_rank=dp_rank, dp_size=dp_size))
+    skipped = torch.tensor([float(_skipped(cs.skip_counts))], dtype=torch.float64, device=device)
+    if _dist():
+        dist.all_reduce(skipped)
+    txt_MK = embed_texts_split(model, tokenizer, cs.captions, dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size)
+    position = torch.full((len(cs.images),), -1, dtype=torch.long, device=device)
+    position[image_id_N] = torch.arange(len(image_id_N), device=device)
+    target_M = position[torch.tensor(cs.image_of_caption, dtype=torch.long, device=device)]
+    keep_M = target_M >= 0
+    out: dict[str, float] = metrics.retrieval_metrics(img_NK, txt_MK[keep_M], image_of_caption_M=target_M[keep_M])
+    return {**out, "images": len(image_id_N), "captions": int(keep_M.sum().item()),
+            "skipped_images": int(skipped.item())}
+
+
+def evaluate(model, *, val_loader=None, zero_shot_sets=(), retrieval_sets=(), tokenizer=None, dp_rank: int = 0,
+             dp_size: int = 1, max_batches: int = 0, record: RoutingRecord | None = None) -> dict[str, float]:
+    """All metrics, dropless and at the training capacity factor, keyed 'dropless/...' / 'train_cf/...'.
+
+    ``zero_shot_sets``: ZeroShotSet / ClassFolderSet (keys .../zeroshot/NAME/...); ``retrieval_sets``:
+    CaptionSet (keys .../retrieval/NAME/...); ``record``: filled by the dropless validation pass."""
     was_training = model.training
     model.eval()
     modes = {"dropless": None}
@@ -168,13 +319,17 @@ def evaluate(model, *, val_loader=None, zero_shot_sets=(), tokenizer=None, dp_ra
         for mode, cf in modes.items():
             with capacity(model, cf):
                 if val_loader is not None:
-                    img, txt, loss, pairs = embed_pairs(model, val_loader, max_batches=max_batches)
+                    img, txt, loss, pairs = embed_pairs(model, val_loader, max_batches=max_batches,
+                                                        record=record if mode == "dropless" else None)
                     out[f"{mode}/val/contrastive"] = loss
                     out[f"{mode}/val/pairs"] = pairs
                     out.update({f"{mode}/retrieval/{k}": v for k, v in metrics.retrieval_metrics(img, txt).items()})
                 for zs in zero_shot_sets:
                     res = zero_shot(model, zs, tokenizer, dp_rank=dp_rank, dp_size=dp_size)
                     out.update({f"{mode}/zeroshot/{zs.name}/{k}": v for k, v in res.items()})
+                for cs in retrieval_sets:
+                    res = caption_retrieval(model, cs, tokenizer, dp_rank=dp_rank, dp_size=dp_size)
+                    out.update({f"{mode}/retrieval/{cs.name}/{k}": v for k, v in res.items()})
     finally:
         model.train(was_training)
     return out
