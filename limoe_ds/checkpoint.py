@@ -178,9 +178,10 @@ def consolidated_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
 def evaluation_config(ckpt_dir: Path, overrides: list[str], world: int):
     """The run's configuration stored in the checkpoint, set up for evaluation on ``world`` ranks
-    with every expert on every rank (expert_parallel_size 1, any world size)."""
+    with the whole model on every rank (expert- and tensor-parallel size 1, any world size)."""
     from limoe_ds import run_config
     raw = read_marker(ckpt_dir, "--checkpoint")["config"]
-    raw = run_config.apply_overrides(raw, ["parallel.expert_parallel_size=1", "parallel.world_size=null", *overrides])
+    raw = run_config.apply_overrides(raw, ["parallel.expert_parallel_size=1", "parallel.tensor_parallel_size=1",
+                                           "parallel.world_size=null", *overrides])
     raw.pop("train_batch_size", None)  # re-derived for this world size
     return run_config.resolve(raw, world_size=world)

@@ -103,12 +103,14 @@ class Window:
 
 
 def routing_scalars(routing: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Sum routing counts over ranks, then per layer/modality success rate and dropped tokens."""
+    """Sum routing counts over data-parallel ranks (tensor-parallel peers route the same tokens),
+    then per layer/modality success rate and dropped tokens."""
     if dist.is_initialized() and routing:
+        from limoe_ds import parallel
         from limoe_ds.engine import comm_device
         keys = sorted(k for k in routing if not k.endswith("/capacity"))
         flat = torch.cat([routing[k].reshape(-1) for k in keys]).double().to(comm_device())  # NCCL: on the GPU
-        dist.all_reduce(flat)
+        dist.all_reduce(flat, group=parallel.data_parallel_group())
         sizes = [routing[k].numel() for k in keys]
         routing = {**routing, **{k: v.view_as(routing[k]).float() for k, v in zip(keys, flat.split(sizes))}}
     out = {}
@@ -300,6 +302,8 @@ def _log_window(metrics, window, step, engine, scheduler, loader, samples_per_st
         "train/skipped_steps": skipped,
         **{f"data/skipped/{k}": v for k, v in _sum_counts(loader.skip_counts()).items()},
     })
+    if torch.cuda.is_available():  # rank 0's peak, to compare with tools/model_summary.py --layout
+        scalars["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     metrics.write(step, scalars)
     return scalars
 

@@ -65,3 +65,22 @@ def test_model_summary_bad_preset_exits_2():
     r = _run("tools/model_summary.py", "x99")
     assert r.returncode == 2
     assert "unknown preset 'x99'" in r.stderr
+
+
+def test_model_summary_layout_estimate_by_hand_and_bad_layouts():
+    # h14 at tp=1, ep=32: 675,513,601 params per GPU = the active parameters per token (one expert
+    # per layer), as checked above; ZeRO-2 bf16: weights 2 bytes each
+    r = _run("tools/model_summary.py", "h14", "--layout", "ep=32,dp=256", "--micro-batch", "64")
+    assert r.returncode == 0, r.stderr
+    mem = json.loads(r.stdout)["memory_per_gpu"]
+    assert mem["params_per_rank"] == 675513601 and mem["world_size"] == 256
+    assert mem["weights_gib"] == pytest.approx(2 * 675513601 / 2 ** 30, abs=1e-3)
+    # ZeRO-2: gradients and the 12-byte optimizer state partitioned over dp (shared) / dp*tp/ep (experts)
+    shared, expert = mem["shared_params_per_rank"], mem["expert_params_per_rank"]
+    assert mem["optimizer_gib"] == pytest.approx(12 * (shared / 256 + expert / 8) / 2 ** 30, abs=1e-3)
+    assert mem["total_gib"] == pytest.approx(sum(mem[k] for k in ("weights_gib", "gradients_gib", "optimizer_gib",
+                                                                   "activations_gib")), abs=2e-3)
+    for layout, message in (("tp=3,dp=8", "does not divide num_heads=16"), ("ep=5,dp=10", "num_experts=32"),
+                            ("ep=2", "dp=N"), ("tp=x,dp=2", "expected tp=N,ep=N,dp=N")):
+        r = _run("tools/model_summary.py", "h14", "--layout", layout)
+        assert r.returncode == 2 and message in r.stderr, (layout, r.stderr)

@@ -142,7 +142,10 @@ def _layout_worker(rank, world, layouts):
         init = {_global_name(n, layout.ep_rank, num_local): p.detach().clone() for n, p in model.named_parameters()}
         tagged = {n: (p.partition_dim, p.partition_stride) for n, p in model.named_parameters()
                   if getattr(p, "tensor_model_parallel", False)}
+        numel = sum(p.numel() for p in model.parameters())
         engine, _ = build_engine(model, _ds_config(stage, clip, layout.dp))
+        fp32_partition = (sum(t.numel() for t in engine.optimizer.single_partition_of_fp32_groups)
+                          if stage > 0 else None)
         moe = model.moe_layers()[0]
         groups = {"tp": dist.get_process_group_ranks(parallel.state().mpu.get_tensor_model_parallel_group()),
                   "dp": dist.get_process_group_ranks(ds_groups._get_data_parallel_group()),
@@ -167,7 +170,8 @@ def _layout_worker(rank, world, layouts):
                   for n, p in engine.module.named_parameters()}
         results[(tp, ep, stage, clip)] = {"steps": steps, "params": params, "tp_rank": layout.tp_rank,
                                           "dp_rank": layout.dp_rank, "init": init, "tagged": tagged,
-                                          "groups": groups, "layout": layout}
+                                          "groups": groups, "layout": layout, "numel": numel,
+                                          "fp32_partition": fp32_partition}
     parallel.teardown()
     return results
 
@@ -296,3 +300,18 @@ def test_process_groups_and_initialisation(layout_results, world, tp, ep, stage,
             assert torch.equal(p, _local(full[name], name, tp, run["tp_rank"])), (rank, name)
         from limoe_ds.parallel import tp_partition
         assert run["tagged"] == ({n: tp_partition(n) for n in full if tp_partition(n)} if tp > 1 else {})
+
+
+@pytest.mark.parametrize("world,tp,ep,stage,clip", [c for c in CASES if c[3] > 0],
+                         ids=[_name(*c) for c in CASES if c[3] > 0])
+def test_memory_estimator_counts_what_each_rank_holds(layout_results, world, tp, ep, stage, clip):
+    """tools/model_summary.py --layout: parameters per rank exactly; the fp32 master partition that
+    ZeRO gives each rank (the optimizer state is 3x it) to within DeepSpeed's alignment padding."""
+    from limoe_ds.memory import estimate
+    est = estimate(_model_cfg(), tp=tp, ep=ep, dp=world // tp, zero_stage=stage, bf16=False)
+    for run in (res[(tp, ep, stage, clip)] for res in layout_results[world]):
+        assert run["numel"] == est.params_per_rank
+        edp = tp * (world // tp) // ep
+        want = est.shared_params_per_rank / (world // tp) + est.expert_params_per_rank / edp
+        assert want <= run["fp32_partition"] <= want * 1.001 + 64, (run["fp32_partition"], want)
+        assert est.optimizer_gib == pytest.approx(12 * want / 2 ** 30, abs=1e-3)

@@ -316,6 +316,42 @@ def test_resume_after_kill_9_continues_bitwise(tmp_path):
 
 
 
+TP2 = ["parallel.tensor_parallel_size=2", "parallel.expert_parallel_size=1", "ds.train_batch_size=64",
+       "eval.zero_shot=[]"]
+
+
+def test_tensor_parallel_2_run_resumes_bitwise_and_evaluates_on_one_rank(tmp_path):
+    """The real entry point at TP=2: both tp ranks' shards are checkpointed (DeepSpeed would keep
+    only tp rank 0's), a resume continues bitwise, and the consolidated checkpoint evaluated on one
+    rank (tp=1, tools/evaluate.py) reproduces the run's final dropless evaluation."""
+    steps = 8
+    full = _launch(tmp_path / "full", steps, TP2)
+    out, _ = full.communicate(timeout=600)
+    assert full.returncode == 0, out[-3000:]
+    ckpt4 = tmp_path / "full" / "checkpoints" / "step00000004"
+    assert {f"mp_rank_0{t}_model_states.pt" for t in (0, 1)} <= {p.name for p in ckpt4.iterdir()}
+    resumed = _launch(tmp_path / "resumed", steps, [*TP2, "--resume", str(ckpt4)])
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert sorted(b) == list(range(5, steps + 1)) and [a[s] for s in b] == [b[s] for s in b]
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import evaluate as evaluate_tool
+    final = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+             if "dropless/val/contrastive" in line][-1]
+    assert final["dropless/val/pairs"] == 256  # one batch on the one data-parallel rank, not one per tp rank
+    report_path = tmp_path / "report.json"
+    assert evaluate_tool.main(["--checkpoint", str(tmp_path / "full" / "checkpoints" / f"step{steps:08d}"),
+                               "--out", str(report_path)]) == 0
+    got = json.loads(report_path.read_text())["metrics"]
+    assert got["dropless/val/pairs"] == 256
+    # tp=2 sums the row-parallel matmuls in another order: ulps apart, same rankings
+    assert got["dropless/val/contrastive"] == pytest.approx(final["dropless/val/contrastive"], rel=1e-5)
+    for k in [k for k in got if k.startswith("dropless/retrieval/")]:
+        assert got[k] == pytest.approx(final[k], abs=1e-9), k
+
+
 def test_weight_decay_only_on_matrices_and_experts_in_moe_groups():
     from limoe_ds.engine import param_groups, weight_decay_split
     from limoe_ds.model import build_model

@@ -4,6 +4,13 @@
     python tools/model_summary.py h14
     python tools/model_summary.py b16-dense
     python tools/model_summary.py ds_configs/tiny.json      # reads the "limoe" block's model
+    python tools/model_summary.py h14 --layout tp=1,ep=8,dp=256 --micro-batch 64
+    python tools/model_summary.py ds_configs/h14.json --layout tp=2,ep=8,dp=128
+
+With ``--layout`` it adds a per-GPU memory estimate (weights, gradients, optimizer state,
+activations; see limoe_ds/memory.py for the accounting). From a JSON, ZeRO stage, bf16, micro-batch
+and activation checkpointing default to the config's; ``--zero``, ``--micro-batch``,
+``--fp32`` and ``--no-activation-checkpointing`` override them.
 
 Per-token (active) parameters follow ../shared/LIMOE_SPEC.md: all parameters minus, in every MoE
 layer, the (E-1)/E of expert parameters a token does not use.
@@ -46,16 +53,58 @@ def summarize(cfg: ModelConfig) -> dict:
             "active_params_per_token_b": round(counts["active_params_per_token"] / 1e9, 3)}
 
 
+def parse_layout(text: str) -> dict[str, int]:
+    """'tp=2,ep=8,dp=32' -> {'tp': 2, 'ep': 8, 'dp': 32}; tp and ep default to 1, dp is required."""
+    out = {"tp": 1, "ep": 1}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in ("tp", "ep", "dp") or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"--layout: expected tp=N,ep=N,dp=N with positive integers, got {part!r}")
+        out[key.strip()] = int(value)
+    if "dp" not in out:
+        raise ValueError("--layout: dp=N (the number of data-parallel ranks) is required")
+    return out
+
+
+def _run_defaults(preset_or_path: str) -> dict:
+    if not preset_or_path.endswith(".json"):
+        return {}
+    raw = json.loads(Path(preset_or_path).read_text())
+    return {"zero_stage": raw.get("zero_optimization", {}).get("stage", 0),
+            "bf16": bool(raw.get("bf16", {}).get("enabled", False)),
+            "micro_batch": raw.get("train_micro_batch_size_per_gpu", 64),
+            "activation_checkpointing": bool(raw.get("limoe", {}).get("train", {}).get("activation_checkpointing", False))}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("preset_or_config", help="preset (tiny, s32, b16, l16, h14, NAME-dense) or a ds_configs JSON")
+    parser.add_argument("--layout", help="tp=N,ep=N,dp=N: add a per-GPU memory estimate for this layout")
+    parser.add_argument("--zero", type=int, help="ZeRO stage (default: the JSON's, else 2)")
+    parser.add_argument("--micro-batch", type=int, help="pairs per GPU (default: the JSON's, else 64)")
+    parser.add_argument("--fp32", action="store_true", help="fp32 weights (default: the JSON's bf16, else bf16)")
+    parser.add_argument("--no-activation-checkpointing", action="store_true")
     args = parser.parse_args(argv)
     try:
         cfg = load_model_config(args.preset_or_config)
+        out = summarize(cfg)
+        if args.layout:
+            from limoe_ds.memory import estimate
+            run = {"zero_stage": 2, "bf16": True, "micro_batch": 64, "activation_checkpointing": True,
+                   **_run_defaults(args.preset_or_config)}
+            if args.zero is not None:
+                run["zero_stage"] = args.zero
+            if args.micro_batch is not None:
+                run["micro_batch"] = args.micro_batch
+            if args.fp32:
+                run["bf16"] = False
+            if args.no_activation_checkpointing:
+                run["activation_checkpointing"] = False
+            out["memory_per_gpu"] = estimate(cfg, **parse_layout(args.layout), **run).to_dict()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summarize(cfg), indent=2))
+    print(json.dumps(out, indent=2))
     return 0
 
 

@@ -20,19 +20,26 @@ import torch
 import torch.distributed as dist
 
 from limoe_ds.data.errors import SKIP_REASONS
+from limoe_ds import parallel
 from limoe_ds.eval import metrics
 from limoe_ds.losses import contrastive_loss
 from limoe_ds.moe import diagnostics
 
 
+def _group():
+    """Evaluation collectives run over the data-parallel group: tensor-parallel peers embed the
+    same samples and must not be counted twice (None = the world when no layout was set up)."""
+    return parallel.data_parallel_group()
+
+
 def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(_group()) > 1
 
 
 def _any_rank(flag: bool, device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     if _dist():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_group())
     return t.item() > 0
 
 
@@ -51,13 +58,13 @@ def gather_rows(x_NK: torch.Tensor) -> torch.Tensor:
     if not _dist():
         return x_NK
     n = torch.tensor([x_NK.shape[0]], device=x_NK.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size(_group()))]
+    dist.all_gather(sizes, n, group=_group())
     width = int(max(s.item() for s in sizes))
     padded = x_NK.new_zeros((width, *x_NK.shape[1:]))
     padded[:x_NK.shape[0]] = x_NK
     parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
+    dist.all_gather(parts, padded, group=_group())
     return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
 
 
@@ -142,7 +149,7 @@ def sum_routing_over_ranks(totals: dict[str, torch.Tensor]) -> dict[str, torch.T
                      (dist.ReduceOp.MAX, sorted(k for k in totals if k.endswith("/capacity")))):
         if keys:
             flat = torch.cat([totals[k].reshape(-1).double() for k in keys])
-            dist.all_reduce(flat, op=op)
+            dist.all_reduce(flat, op=op, group=_group())
             out.update({k: v.view_as(totals[k]).float()
                         for k, v in zip(keys, flat.split([totals[k].numel() for k in keys]))})
     return out
@@ -173,7 +180,7 @@ def embed_pairs(model, loader, *, max_batches: int = 0,
     if record is not None:
         record.totals = sum_routing_over_ranks(record.totals)
     if _dist():
-        dist.all_reduce(loss_sum)
+        dist.all_reduce(loss_sum, group=_group())
     K = model.cfg.embed_dim
     img = gather_rows(torch.cat(imgs) if imgs else torch.zeros(0, K, device=device))
     txt = gather_rows(torch.cat(txts) if txts else torch.zeros(0, K, device=device))
@@ -254,7 +261,7 @@ def zero_shot(model, zs, tokenizer, *, dp_rank: int, dp_size: int, batch_size: i
                                    is_seen.double().sum(), (top1 * ~is_seen).sum(), among_unseen.double().sum()])
     counts[7] = _skipped(zs.skip_counts)
     if _dist():
-        dist.all_reduce(counts)
+        dist.all_reduce(counts, group=_group())
     top1, top5, n, seen_top1, n_seen, unseen_top1, among, skipped = counts.tolist()
     out = {"top1": top1 / n if n else math.nan, "top5": top5 / n if n else math.nan, "images": int(n),
            "skipped_images": int(skipped), "chance_top1": 1.0 / C}
@@ -292,7 +299,7 @@ def caption_retrieval(model, cs, tokenizer, *, dp_rank: int, dp_size: int, batch
                                                              dp_rank=dp_rank, dp_size=dp_size))
     skipped = torch.tensor([float(_skipped(cs.skip_counts))], dtype=torch.float64, device=device)
     if _dist():
-        dist.all_reduce(skipped)
+        dist.all_reduce(skipped, group=_group())
     txt_MK = embed_texts_split(model, tokenizer, cs.captions, dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size)
     position = torch.full((len(cs.images),), -1, dtype=torch.long, device=device)
     position[image_id_N] = torch.arange(len(image_id_N), device=device)
