@@ -350,6 +350,15 @@ def test_tensor_parallel_2_run_resumes_bitwise_and_evaluates_on_one_rank(tmp_pat
     assert got["dropless/val/contrastive"] == pytest.approx(final["dropless/val/contrastive"], rel=1e-5)
     for k in [k for k in got if k.startswith("dropless/retrieval/")]:
         assert got[k] == pytest.approx(final[k], abs=1e-9), k
+    # export reads the fp32 master weights from the ZeRO shards of both tp ranks: in this fp32 run
+    # they are the module weights consolidated above, bit for bit
+    import convert_checkpoint as convert_tool
+    from limoe_ds import load_pretrained
+    ckpt8 = tmp_path / "full" / "checkpoints" / f"step{steps:08d}"
+    assert convert_tool.main(["export", str(ckpt8), str(tmp_path / "export")]) == 0
+    exported = load_pretrained(tmp_path / "export").model.state_dict()
+    for name, value in checkpoint.consolidated_model_state(ckpt8).items():
+        assert torch.equal(exported[name], value), name
 
 
 def test_weight_decay_only_on_matrices_and_experts_in_moe_groups():

@@ -1,0 +1,220 @@
+"""Read a limoe_ds DeepSpeed checkpoint of any layout into one layout-free state, and export it.
+
+DeepSpeed's ``zero_to_fp32`` rejects MoE checkpoints (it does not know the per-expert files and
+the expert optimizer groups). Here, for ZeRO 1/2 checkpoints of any tensor- and expert-parallel
+size:
+
+- each rank's ZeRO file holds, per optimizer group, its flat partition of the fp32 master weights
+  and of Adam's two moments; the flat group tensor is the partitions of the group's ranks in order
+  (dense groups: the data-parallel ranks of one tensor-parallel lane; expert groups: the
+  expert-data group, ``limoe_ds.parallel.Layout``), cut in the order of ``param_shapes`` saved in
+  ``mp_rank_<t>_model_states.pt``;
+- expert names are made global (rank's expert-parallel position x experts per rank + local index)
+  and tensor-parallel shards joined (``limoe_ds.parallel.tp_unshard``);
+
+giving every parameter under the name it has in a single-device model (tp=1, ep=1), with its fp32
+master weight and Adam moments. ``export`` writes the weights as one safetensors file with the
+model config and the tokenizer, into a directory that is renamed into place only when complete.
+
+Errors (``CheckpointError``, a one-line message naming the file): missing shard, unreadable or
+truncated file, a checkpoint whose parameters do not match its own config, unsupported ZeRO stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from limoe_ds import checkpoint
+from limoe_ds.parallel import Layout, tp_partition, tp_unshard
+
+EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be converted; the message names the file and the problem."""
+
+
+@dataclass
+class FullState:
+    """A checkpoint without its layout: names as in a single-device model (tp=1, ep=1)."""
+
+    weights: dict[str, torch.Tensor]
+    """fp32 master weights."""
+    exp_avg: dict[str, torch.Tensor]
+    exp_avg_sq: dict[str, torch.Tensor]
+    adam_step: dict[str, int]
+    """Adam's step count per parameter (per optimizer group in DeepSpeed)."""
+    step: int
+    config: dict[str, Any]
+    """The run's resolved config (DeepSpeed JSON with the "limoe" block), from the checkpoint."""
+    layout: Layout
+    """The layout the checkpoint was written at (rank 0's view)."""
+
+
+def _load(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete (was it copied whole?)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated / corrupt: torch raises several kinds
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:120]}); "
+                              f"the file is truncated or damaged") from None
+
+
+def checkpoint_layout(marker: dict[str, Any]) -> Layout:
+    parallel = marker["config"]["limoe"].get("parallel", {})
+    return Layout(rank=0, world_size=int(marker["world_size"]), ep=int(parallel.get("expert_parallel_size", 1)),
+                  tp=int(parallel.get("tensor_parallel_size", 1)))
+
+
+def _rank_of(layout: Layout, dp_rank: int, tp_rank: int) -> int:
+    return dp_rank * layout.tp + tp_rank
+
+
+def _global_expert_name(name: str, ep_rank: int, num_local: int) -> str:
+    head, sep, tail = name.partition(EXPERT_PREFIX)
+    if not sep:
+        return name
+    local, _, rest = tail.partition(".")
+    return f"{head}{EXPERT_PREFIX}{ep_rank * num_local + int(local)}.{rest}"
+
+
+def read_full_state(ckpt_dir: str | os.PathLike) -> FullState:
+    """Weights, Adam moments and step of a ZeRO 1/2 checkpoint of any layout, by single-device name."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        marker = checkpoint.read_marker(ckpt_dir, "checkpoint")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    cfg = marker["config"]
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2):
+        raise CheckpointError(f"{ckpt_dir}: ZeRO stage {stage}; conversion reads ZeRO 1/2 optimizer shards "
+                              f"(the fp32 master weights and Adam moments live there)")
+    layout = checkpoint_layout(marker)
+    lanes = [_load(ckpt_dir / f"mp_rank_{t:02d}_model_states.pt") for t in range(layout.tp)]
+    shards = {}
+    for r in range(layout.world_size):
+        lay = Layout(rank=r, world_size=layout.world_size, ep=layout.ep, tp=layout.tp)
+        f = ckpt_dir / f"zero_pp_rank_{lay.dp_rank}_mp_rank_{lay.tp_rank:02d}_optim_states.pt"
+        shards[r] = _load(f)["optimizer_state_dict"]
+    from limoe_ds.run_config import model_config
+    model_cfg = model_config(cfg["limoe"]["model"])
+    num_local = model_cfg.moe.num_experts // layout.ep if model_cfg.moe else 1
+
+    # per lane: dense parameters (tp shards, local names); per ep position: experts (global names)
+    lane_parts: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in range(layout.tp)]
+    experts: dict[str, dict[str, torch.Tensor]] = {}
+    adam_step: dict[str, int] = {}
+    groups0 = shards[0]["base_optimizer_state"]["param_groups"]
+    for g, group in enumerate(groups0):
+        is_moe = bool(group.get("moe"))
+        if is_moe:
+            members = [sorted(m) for m in layout.expert_data_groups()]  # index = ep position
+            runs = [(e, m) for e, m in enumerate(members)]
+        else:
+            runs = [(t, [_rank_of(layout, d, t) for d in range(layout.dp)]) for t in range(layout.tp)]
+        for key, ranks in runs:
+            lane = 0 if is_moe else key
+            shapes = lanes[lane]["param_shapes"][g]
+            flat = {k: torch.cat([_partition(shards[r], g, k, ckpt_dir, r, layout) for r in ranks])
+                    for k in ("fp32", "exp_avg", "exp_avg_sq")}
+            paddings = shards[ranks[0]].get("param_alignment_paddings", [[0]])[g]
+            if any(paddings):
+                raise CheckpointError(f"{ckpt_dir}: per-parameter alignment padding in optimizer group {g} is not "
+                                      f"supported by this converter")
+            offset = 0
+            step = int(shards[ranks[0]]["base_optimizer_state"]["state"][g]["step"])
+            for name, shape in shapes.items():
+                n = int(torch.Size(shape).numel())
+                if offset + n > flat["fp32"].numel():
+                    raise CheckpointError(f"{ckpt_dir}: optimizer group {g} holds {flat['fp32'].numel()} values, "
+                                          f"fewer than its parameters need; a shard is truncated or from another run")
+                values = {k: v[offset:offset + n].view(shape).clone() for k, v in flat.items()}
+                offset += n
+                if is_moe:
+                    gname = _global_expert_name(name, key, num_local)
+                    experts[gname] = values
+                    adam_step[gname] = step
+                else:
+                    lane_parts[lane][name] = values
+                    adam_step[name] = step
+            pad = flat["fp32"].numel() - offset
+            if pad < 0 or pad > 2 * len(ranks) * 64:
+                raise CheckpointError(f"{ckpt_dir}: optimizer group {g} has {pad} values after its parameters; "
+                                      f"the shards do not belong together")
+
+    weights, exp_avg, exp_avg_sq = {}, {}, {}
+    for name in lane_parts[0]:
+        split = tp_partition(name) if layout.tp > 1 else None
+        for out, key in ((weights, "fp32"), (exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")):
+            parts = [lane[name][key] for lane in lane_parts]
+            out[name] = parts[0] if split is None else tp_unshard(parts, *split)
+    for name, values in experts.items():
+        weights[name], exp_avg[name], exp_avg_sq[name] = values["fp32"], values["exp_avg"], values["exp_avg_sq"]
+    _check_against_config(weights, model_cfg, ckpt_dir)
+    return FullState(weights, exp_avg, exp_avg_sq, adam_step, int(marker["step"]), cfg, layout)
+
+
+def _partition(shard: dict[str, Any], g: int, key: str, ckpt_dir: Path, rank: int, layout: Layout) -> torch.Tensor:
+    try:
+        if key == "fp32":
+            return shard["single_partition_of_fp32_groups"][g].float()
+        return shard["base_optimizer_state"]["state"][g][key].float()
+    except (KeyError, IndexError):
+        lay = Layout(rank=rank, world_size=layout.world_size, ep=layout.ep, tp=layout.tp)
+        raise CheckpointError(f"{ckpt_dir}/zero_pp_rank_{lay.dp_rank}_mp_rank_{lay.tp_rank:02d}_optim_states.pt: "
+                              f"no {key} for optimizer group {g}; the shard is from another run or optimizer") from None
+
+
+def _check_against_config(weights: dict[str, torch.Tensor], model_cfg, ckpt_dir: Path) -> None:
+    from limoe_ds.model import build_model
+    want = {n: tuple(p.shape) for n, p in build_model(model_cfg, device="meta").named_parameters()}
+    got = {n: tuple(t.shape) for n, t in weights.items()}
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    bad = sorted(n for n in set(want) & set(got) if want[n] != got[n])
+    if missing or extra or bad:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra
+                  else f"{bad[0]} is {got[bad[0]]}, the config says {want[bad[0]]}")
+        raise CheckpointError(f"{ckpt_dir}: the weights do not match the checkpoint's model config ({detail})")
+
+
+def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``out_dir``: model.safetensors (fp32 master weights), config.json (model config),
+    tokenizer.json, limoe_export.json (provenance). Written to a temporary directory, renamed last."""
+    from safetensors.torch import save_file
+    from limoe_ds.run_config import model_config
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise CheckpointError(f"{out_dir} exists; choose another directory or pass --overwrite")
+    state = read_full_state(ckpt_dir)
+    tokenizer = Path(state.config["limoe"]["tokenizer"])
+    if not tokenizer.is_file():
+        raise CheckpointError(f"the run's tokenizer {tokenizer} is missing; export needs it next to the weights")
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file({k: v.contiguous() for k, v in state.weights.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt", "limoe_step": str(state.step)})
+        cfg = model_config(state.config["limoe"]["model"])
+        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+        (tmp / "limoe_export.json").write_text(json.dumps({
+            "source": str(Path(ckpt_dir).resolve()), "step": state.step, "weights": "fp32 optimizer master copy",
+            "source_layout": {"tp": state.layout.tp, "ep": state.layout.ep, "world_size": state.layout.world_size},
+            "num_params": sum(v.numel() for v in state.weights.values())}, indent=1) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,93 @@
+"""Inference without DeepSpeed: an exported directory -> a plain model on one device.
+
+    from limoe_ds import load_pretrained
+    m = load_pretrained("exports/b16", device="cuda")
+    img_emb = m.encode_image(m.preprocess([Image.open("cat.png")]))     # [B, K], L2-normalised
+    txt_emb = m.encode_text(m.tokenize(["a photo of a cat"]))            # [B, K]
+    clf = m.zero_shot_classifier(["cat", "dog"], ["a photo of a {}."])   # [C, K]
+    probs = (img_emb @ clf.T * m.logit_scale).softmax(-1)
+
+No process group, no engine: the MoE layers route dropless (every token reaches its expert,
+whatever the batch), so an embedding does not depend on what else is in the batch. The exported
+directory is written by ``tools/convert_checkpoint.py export`` (model.safetensors, config.json,
+tokenizer.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from limoe_ds.config import config_from_dict
+from limoe_ds.model.limoe import LIMoEModel
+
+
+class Pretrained:
+    """A loaded model with its tokenizer; methods run under ``torch.no_grad`` in eval mode."""
+
+    def __init__(self, model: LIMoEModel, tokenizer) -> None:
+        self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
+        self.cfg = model.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    @property
+    def logit_scale(self) -> float:
+        """exp(t), the learned inverse temperature."""
+        return float(self.model.logit_scale.detach().exp())
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Captions -> token ids [B, text_len] (the training tokenizer: lower-cased BPE, EOS, pad 0)."""
+        return self.tokenizer.encode_batch(list(texts), self.cfg.text_len)
+
+    def preprocess(self, images) -> torch.Tensor:
+        """PIL images -> [B, 3, H, W] in [-1, 1]: upright RGB, centre crop, resize (the eval transform)."""
+        from PIL import ImageOps
+        from limoe_ds.data.image import eval_transform, to_rgb, to_tensor
+        return to_tensor([eval_transform(to_rgb(ImageOps.exif_transpose(im)), self.cfg.image_size) for im in images])
+
+    @torch.no_grad()
+    def encode_image(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images_BCHW.to(self.device)).float()
+
+    @torch.no_grad()
+    def encode_text(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(tokens_BT.to(self.device)).float()
+
+    @torch.no_grad()
+    def zero_shot_classifier(self, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        """[C, K]: per class, the mean of its normalised prompt embeddings, renormalised (CLIP)."""
+        from limoe_ds.eval.metrics import zero_shot_classifier
+        bad = [t for t in templates if "{}" not in t]
+        if bad or not templates or not class_names:
+            raise ValueError(f"zero_shot_classifier needs class names and templates with '{{}}'; got {bad[:1] or templates!r}")
+        prompts = [t.format(c) for c in class_names for t in templates]
+        emb = self.encode_text(self.tokenize(prompts))
+        return zero_shot_classifier(emb.view(len(class_names), len(templates), -1))
+
+
+def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> Pretrained:
+    """Load an exported directory into a plain model on ``device`` (dropless routing)."""
+    from safetensors.torch import load_file
+    from limoe_ds.data import Tokenizer
+    from limoe_ds.model import build_model
+    path = Path(path)
+    for f in ("model.safetensors", "config.json", "tokenizer.json"):
+        if not (path / f).is_file():
+            raise FileNotFoundError(f"{path / f} is missing: not an exported limoe_ds model "
+                                    f"(make one with tools/convert_checkpoint.py export)")
+    cfg = config_from_dict(json.loads((path / "config.json").read_text()))
+    if cfg.moe is not None:
+        cfg.moe.eval_capacity_factor = None  # dropless: an embedding must not depend on its batch
+    model = build_model(cfg, device="meta")
+    state = load_file(str(path / "model.safetensors"), device="cpu")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.to(device=device, dtype=dtype)
+    return Pretrained(model, Tokenizer.from_file(str(path / "tokenizer.json")))

@@ -1,0 +1,163 @@
+"""Checkpoint conversion and inference without DeepSpeed (tools/convert_checkpoint.py, load_pretrained).
+
+An expert-parallel-2, ZeRO-2 run of the real entry point is exported; the exported model's
+embeddings equal the DeepSpeed engine's eval-mode (dropless) embeddings of the same checkpoint on
+the same inputs, and the converter's fp32 weights and Adam moments equal DeepSpeed's own view of
+each parameter (safe_get_full_fp32_param / safe_get_full_optimizer_state) on every rank.
+Tolerance: identical fp32 weights; the engine's experts see their tokens in other groupings (the
+all-to-all), which moves matmul results by ulps: embeddings agree to 1e-5 (measured ~1e-7).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_utils import run_ranks
+from test_train import ROOT, _launch
+
+sys.path.insert(0, str(ROOT / "tools"))
+import convert_checkpoint as convert_tool  # noqa: E402
+
+EP2_ZERO2 = ["ds.zero_optimization.stage=2", "eval.zero_shot=[]", "eval.max_batches=0"]
+
+
+@pytest.fixture(scope="module")
+def ep2_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ep2_zero2")
+    proc = _launch(run, 4, EP2_ZERO2)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    return run / "checkpoints" / "step00000004"
+
+
+def _inputs(cfg):
+    gen = torch.Generator().manual_seed(3)
+    images = torch.rand(6, 3, cfg.image_size, cfg.image_size, generator=gen) * 2 - 1
+    tokens = torch.randint(1, cfg.vocab_size, (6, cfg.text_len), generator=gen)
+    return images, tokens.masked_fill(torch.arange(cfg.text_len) >= torch.tensor([[3], [16], [1], [9], [5], [12]]), 0)
+
+
+def _engine_worker(rank, world, ckpt_dir: str):
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from limoe_ds import checkpoint, parallel, run_config
+    from limoe_ds.engine import build_engine
+    from limoe_ds.eval.run import capacity
+    from limoe_ds.model import build_model
+    marker = checkpoint.read_marker(Path(ckpt_dir), "test")
+    cfg = run_config.resolve(marker["config"], world_size=world, check_paths=False)
+    layout = parallel.Layout(rank=rank, world_size=world, ep=cfg.parallel.expert_parallel_size,
+                             tp=cfg.parallel.tensor_parallel_size)
+    parallel.setup(layout)
+    model = build_model(cfg.model, ep_size=layout.ep, ep_rank=layout.ep_rank, seed=123,  # overwritten by the load
+                        tp=parallel.TensorParallel(layout.tp, layout.tp_rank))
+    engine, _ = build_engine(model, cfg.deepspeed)
+    checkpoint.load(engine, Path(ckpt_dir))
+    engine.optimizer._lazy_init_hp_params_optimizer_state()  # DeepSpeed links Adam's state at the first step
+    num_local = cfg.model.moe.num_experts // layout.ep
+    full = {}
+    for name, p in engine.module.named_parameters():
+        gname = name.replace("deepspeed_experts.", "deepspeed_experts.#")
+        if "#" in gname:
+            head, tail = gname.split("#")
+            local, rest = tail.split(".", 1)
+            gname = f"{head}{layout.ep_rank * num_local + int(local)}.{rest}"
+        full[gname] = {"fp32": safe_get_full_fp32_param(p).clone(),
+                       "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").clone(),
+                       "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").clone()}
+    engine.module.eval()
+    images, tokens = _inputs(cfg.model)
+    with torch.no_grad(), capacity(engine.module, None):
+        out = engine.module(images, tokens)
+    parallel.teardown()
+    return {"image": out.image_emb, "text": out.text_emb, "params": full}
+
+
+def test_export_load_pretrained_equals_engine_and_converter_equals_deepspeed(ep2_run, tmp_path):
+    from limoe_ds import load_pretrained
+    from limoe_ds.convert import read_full_state
+    out = tmp_path / "export"
+    assert convert_tool.main(["export", str(ep2_run), str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "limoe_export.json", "model.safetensors",
+                                                     "tokenizer.json"]
+    assert json.loads((out / "limoe_export.json").read_text())["source_layout"] == {"tp": 1, "ep": 2, "world_size": 2}
+    engine = run_ranks(_engine_worker, 2, str(ep2_run))
+    m = load_pretrained(out)
+    images, tokens = _inputs(m.cfg)
+    img, txt = m.encode_image(images), m.encode_text(tokens)
+    for res in engine:  # both ranks embed the same batch; experts are split across them
+        torch.testing.assert_close(img, res["image"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(txt, res["text"], rtol=0, atol=1e-5)
+    state = read_full_state(ep2_run)
+    seen = set()
+    for res in engine:
+        for name, want in res["params"].items():
+            seen.add(name)
+            assert torch.equal(state.weights[name], want["fp32"]), name
+            assert torch.equal(state.exp_avg[name], want["exp_avg"]), name
+            assert torch.equal(state.exp_avg_sq[name], want["exp_avg_sq"]), name
+    assert seen == set(state.weights) and state.adam_step and set(state.adam_step.values()) == {4}
+    assert any("deepspeed_experts.3." in n for n in seen)  # rank 1's experts, by global index
+
+
+def test_pretrained_helpers(ep2_run, tmp_path):
+    from limoe_ds import load_pretrained
+    out = tmp_path / "export"
+    assert convert_tool.main(["export", str(ep2_run), str(out)]) == 0
+    m = load_pretrained(out)
+    toks = m.tokenize(["a photo of a bag", ""])
+    assert toks.shape == (2, m.cfg.text_len) and toks[1, 0] == 1 and toks[1, 1:].eq(0).all()  # EOS, then padding
+    clf = m.zero_shot_classifier(["shirt", "bag", "sandal"], ["a photo of a {}.", "a {}."])
+    assert clf.shape == (3, m.cfg.embed_dim) and torch.allclose(clf.norm(dim=-1), torch.ones(3))
+    from PIL import Image
+    pix = m.preprocess([Image.new("RGBA", (50, 40), (255, 0, 0, 0)), Image.new("L", (20, 30), 7)])
+    assert pix.shape == (2, 3, m.cfg.image_size, m.cfg.image_size) and pix[0].eq(1.0).all()  # transparent -> white
+    # dropless: an image's embedding does not depend on the rest of its batch
+    alone = m.encode_image(pix[:1])
+    torch.testing.assert_close(m.encode_image(pix)[:1], alone, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="templates with"):
+        m.zero_shot_classifier(["shirt"], ["no placeholder"])
+    with pytest.raises(FileNotFoundError, match="not an exported limoe_ds model"):
+        load_pretrained(tmp_path)
+
+
+def _copy(ckpt: Path, dst: Path) -> Path:
+    shutil.copytree(ckpt, dst)
+    return dst
+
+
+def test_bad_checkpoints_are_clear_errors(ep2_run, tmp_path, capsys):
+    def run(*args) -> str:
+        assert convert_tool.main(list(map(str, args))) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), err
+        return err[0]
+
+    missing = _copy(ep2_run, tmp_path / "missing")
+    (missing / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing" in run("inspect", missing)
+
+    truncated = _copy(ep2_run, tmp_path / "truncated")
+    f = truncated / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert "truncated or damaged" in run("inspect", truncated)
+
+    mismatch = _copy(ep2_run, tmp_path / "mismatch")
+    marker = json.loads((mismatch / "limoe_complete.json").read_text())
+    marker["config"]["limoe"]["model"]["mlp_dim"] = 256
+    (mismatch / "limoe_complete.json").write_text(json.dumps(marker))
+    assert "do not match the checkpoint's model config" in run("inspect", mismatch)
+
+    partial = tmp_path / "step00000009.partial"
+    partial.mkdir()
+    assert "not a complete limoe_ds checkpoint" in run("export", partial, tmp_path / "x")
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert "exists" in run("export", ep2_run, existing)
+    assert not list(tmp_path.glob("*.tmp*"))  # never a partial output

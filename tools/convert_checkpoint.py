@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Convert limoe_ds DeepSpeed checkpoints (DeepSpeed's zero_to_fp32 rejects MoE checkpoints).
+
+    python tools/convert_checkpoint.py export runs/b16/checkpoints/step00100000 exports/b16
+    python tools/convert_checkpoint.py inspect runs/b16/checkpoints/step00100000
+
+export: a ZeRO 1/2 checkpoint of any expert- and tensor-parallel size -> a directory with
+model.safetensors (the fp32 optimizer master weights, single-device names: every expert, every
+head), config.json (the model config), tokenizer.json and limoe_export.json (provenance). Load it
+with ``limoe_ds.load_pretrained(path)``. The directory appears only when complete.
+
+inspect: the checkpoint's layout, step and parameter count, after reading every shard (a quick
+check that a copied checkpoint is whole).
+
+Errors (missing shard, truncated file, parameters that do not match the checkpoint's config, an
+existing output) print one ``error: ...`` line and exit 2. Runs on CPU, no process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from limoe_ds.convert import CheckpointError, export, read_full_state  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="checkpoint -> safetensors + config + tokenizer")
+    ex.add_argument("checkpoint", type=Path)
+    ex.add_argument("out", type=Path)
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    ins = sub.add_parser("inspect", help="read every shard; print layout, step, parameter count")
+    ins.add_argument("checkpoint", type=Path)
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "export":
+            out = export(args.checkpoint, args.out, overwrite=args.overwrite)
+            print(json.dumps({"exported": str(out), **json.loads((out / "limoe_export.json").read_text())}, indent=1))
+        else:
+            state = read_full_state(args.checkpoint)
+            print(json.dumps({"checkpoint": str(args.checkpoint), "step": state.step,
+                              "layout": {"tp": state.layout.tp, "ep": state.layout.ep,
+                                         "world_size": state.layout.world_size},
+                              "num_params": sum(v.numel() for v in state.weights.values()),
+                              "adam_steps": sorted(set(state.adam_step.values()))}, indent=1))
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
