@@ -139,7 +139,15 @@ def load(engine, ckpt_dir: Path) -> tuple[int, dict[str, Any]]:
     world = dist.get_world_size() if dist.is_initialized() else 1
     if meta["world_size"] != world:
         raise ValueError(f"--resume: {ckpt_dir} was saved by {meta['world_size']} ranks, this run has {world}; "
-                         f"resume with {meta['world_size']} ranks (resharding comes with tools/convert_checkpoint.py)")
+                         f"resume with {meta['world_size']} ranks, or convert it: tools/convert_checkpoint.py reshard")
+    from limoe_ds import parallel
+    state = parallel.state()
+    saved = meta.get("config", {}).get("limoe", {}).get("parallel", {})
+    saved_layout = (saved.get("tensor_parallel_size", 1), saved.get("expert_parallel_size", 1))
+    if state is not None and saved_layout != (state.layout.tp, state.layout.ep):
+        raise ValueError(f"--resume: {ckpt_dir} was saved at tp={saved_layout[0]}, ep={saved_layout[1]}; this run is "
+                         f"tp={state.layout.tp}, ep={state.layout.ep}: convert it first with "
+                         f"tools/convert_checkpoint.py reshard --tp {state.layout.tp} --ep {state.layout.ep} --world {world}")
     rank_file = ckpt_dir / f"limoe_rank{_rank():05d}.pt"
     if not rank_file.is_file():
         raise ValueError(f"--resume: {rank_file} is missing; the checkpoint is incomplete")

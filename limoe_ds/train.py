@@ -202,7 +202,10 @@ def _resume(engine, loader, ckpt_root: Path, resume: str) -> tuple[int, dict | N
     if path is None:
         return 0, None
     step, rank_state = checkpoint.load(engine, path)
-    loader.load_state_dict(rank_state["data"])
+    if rank_state.get("data") is not None:
+        loader.load_state_dict(rank_state["data"])
+    else:  # resharded to another data-parallel size with --reset-data
+        log(f"{path}: no data position for this layout; the data stream starts afresh")
     log(f"resumed from {path} at step {step}")
     return step, rank_state["rng"]
 

@@ -248,11 +248,11 @@ def test_activation_checkpointing_recomputes_the_same_routing():
 
 
 # ---- two ranks through the deepspeed launcher: kill -9 mid-run, resume, same losses ---------------
-def _launch(run_dir: Path, steps: int, extra=()) -> subprocess.Popen:
+def _launch(run_dir: Path, steps: int, extra=(), ranks: int = 2) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(_port()),
            str(ROOT / "launch" / "pretrain.py"), "--deepspeed_config", str(TINY), "--set", f"train.steps={steps}",
            f"train.run_dir={run_dir}", "train.log_every=1", "train.save_every=4", "logging.progress_bar=false",
            "ds.scheduler.params.warmup_num_steps=2", "eval.max_batches=1", *extra]
@@ -359,6 +359,18 @@ def test_tensor_parallel_2_run_resumes_bitwise_and_evaluates_on_one_rank(tmp_pat
     exported = load_pretrained(tmp_path / "export").model.state_dict()
     for name, value in checkpoint.consolidated_model_state(ckpt8).items():
         assert torch.equal(exported[name], value), name
+
+    # reshard tp=2 (2 ranks, dp 1) -> tp=1 on 1 rank (dp 1: the data position carries over); the
+    # resumed run continues the curve up to the row-parallel summation order (1e-5 relative)
+    assert convert_tool.main(["reshard", str(ckpt4), str(tmp_path / "tp1"), "--tp", "1", "--ep", "1", "--world", "1"]) == 0
+    one = _launch(tmp_path / "one_rank", steps, [*TP2, "parallel.tensor_parallel_size=1", "ds.train_batch_size=64",
+                                                 "--resume", str(tmp_path / "tp1" / "step00000004")], ranks=1)
+    out, _ = one.communicate(timeout=600)
+    assert one.returncode == 0, out[-3000:]
+    c = _losses(tmp_path / "one_rank")
+    assert sorted(c) == list(range(5, steps + 1))
+    for s in c:
+        assert c[s] == pytest.approx(a[s], rel=1e-5), s
 
 
 def test_weight_decay_only_on_matrices_and_experts_in_moe_groups():

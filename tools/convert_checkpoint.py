@@ -3,11 +3,21 @@
 
     python tools/convert_checkpoint.py export runs/b16/checkpoints/step00100000 exports/b16
     python tools/convert_checkpoint.py inspect runs/b16/checkpoints/step00100000
+    python tools/convert_checkpoint.py reshard runs/b16/checkpoints/step00100000 runs/b16-ep4/checkpoints \
+        --tp 1 --ep 4 --world 32
 
 export: a ZeRO 1/2 checkpoint of any expert- and tensor-parallel size -> a directory with
 model.safetensors (the fp32 optimizer master weights, single-device names: every expert, every
 head), config.json (the model config), tokenizer.json and limoe_export.json (provenance). Load it
 with ``limoe_ds.load_pretrained(path)``. The directory appears only when complete.
+
+reshard: a checkpoint -> a checkpoint for another layout (tensor-parallel size, expert-parallel
+size, world size), with the fp32 master weights, Adam's moments per parameter and per expert
+(re-partitioned by DeepSpeed's own ZeRO code at the new layout), the LR schedule and the step. When
+the data-parallel size is unchanged each rank's data position and RNG state carry over (training
+resumes exactly); otherwise --reset-data is required and the data stream restarts. Runs the target
+layout's ranks as CPU processes here, or one rank each under a launcher with --world ranks. Resume
+with ``--resume OUT/stepN`` at the new layout.
 
 inspect: the checkpoint's layout, step and parameter count, after reading every shard (a quick
 check that a copied checkpoint is whole).
@@ -25,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from limoe_ds.convert import CheckpointError, export, read_full_state  # noqa: E402
+from limoe_ds.convert import CheckpointError, export, read_full_state, reshard  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("checkpoint", type=Path)
     ex.add_argument("out", type=Path)
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    rs = sub.add_parser("reshard", help="checkpoint -> checkpoint at another tp / ep / world size")
+    rs.add_argument("checkpoint", type=Path)
+    rs.add_argument("out", type=Path, help="a new checkpoint root (OUT/stepN is written)")
+    rs.add_argument("--tp", type=int, default=1)
+    rs.add_argument("--ep", type=int, required=True)
+    rs.add_argument("--world", type=int, required=True)
+    rs.add_argument("--reset-data", action="store_true", help="allow a data-parallel size change (data restarts)")
+    rs.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     ins = sub.add_parser("inspect", help="read every shard; print layout, step, parameter count")
     ins.add_argument("checkpoint", type=Path)
     args = ap.parse_args(argv)
@@ -42,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             out = export(args.checkpoint, args.out, overwrite=args.overwrite)
             print(json.dumps({"exported": str(out), **json.loads((out / "limoe_export.json").read_text())}, indent=1))
+        elif args.command == "reshard":
+            out = reshard(args.checkpoint, args.out, tp=args.tp, ep=args.ep, world=args.world,
+                          reset_data=args.reset_data)
+            from limoe_ds.dist_env import world_from_env
+            if world_from_env()[0] == 0:
+                print(json.dumps({"resharded": str(args.checkpoint), "out": str(out), "tp": args.tp, "ep": args.ep,
+                                  "world": args.world, "latest": (out / "latest").read_text().strip()}, indent=1))
         else:
             state = read_full_state(args.checkpoint)
             print(json.dumps({"checkpoint": str(args.checkpoint), "step": state.step,
