@@ -128,3 +128,20 @@ def test_l_aux_is_the_sum_of_named_losses():
 def test_ep_size_must_divide_experts():
     with pytest.raises(ValueError, match="not divisible by the expert-parallel size 3"):
         LIMoELayer(D, H, MoEConfig(num_experts=4, layers=(0,)), ep_size=3)
+
+
+@pytest.mark.parametrize("tp,multiple", [(1, 4), (2, 4), (3, 4), (8, 4), (3, 1)])
+def test_capacity_is_a_multiple_of_tp_for_deepspeeds_token_split(tp, multiple):
+    """DeepSpeed splits the capacity slots over tensor-parallel ranks (drop_tokens): C % tp == 0,
+    also in dropless evaluation, where C is the largest expert load."""
+    import math
+    layer = LIMoELayer(D, H, MoEConfig(num_experts=4, layers=(0,), capacity_multiple_of=multiple,
+                                       eval_capacity_factor=None), tp_size=tp)
+    step = math.lcm(multiple, tp)
+    for S in (1, 7, 37, 100):
+        layer.train()
+        assert layer.gate.capacity(S) % step == 0
+        layer.eval()
+        x, types = _pool(S, seed=S, pad_frac=0.0)
+        _, routing = layer(x, types)
+        assert routing.capacity % step == 0 and routing.capacity >= int(routing.kept_N.sum() > 0)
