@@ -68,6 +68,13 @@ def _load(path: Path) -> dict[str, Any]:
                               f"the file is truncated or damaged") from None
 
 
+def _zero_file(ckpt_dir: Path, dp_rank: int, tp_rank: int) -> Path:
+    """A rank's ZeRO 1/2 optimizer shard; DeepSpeed prefixes it with the dtype in bf16 runs."""
+    name = f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt"
+    bf16 = ckpt_dir / f"bf16_{name}"
+    return bf16 if bf16.is_file() else ckpt_dir / name
+
+
 def checkpoint_layout(marker: dict[str, Any]) -> Layout:
     parallel = marker["config"]["limoe"].get("parallel", {})
     return Layout(rank=0, world_size=int(marker["world_size"]), ep=int(parallel.get("expert_parallel_size", 1)),
@@ -103,8 +110,7 @@ def read_full_state(ckpt_dir: str | os.PathLike) -> FullState:
     shards = {}
     for r in range(layout.world_size):
         lay = Layout(rank=r, world_size=layout.world_size, ep=layout.ep, tp=layout.tp)
-        f = ckpt_dir / f"zero_pp_rank_{lay.dp_rank}_mp_rank_{lay.tp_rank:02d}_optim_states.pt"
-        shards[r] = _load(f)["optimizer_state_dict"]
+        shards[r] = _load(_zero_file(ckpt_dir, lay.dp_rank, lay.tp_rank))["optimizer_state_dict"]
     from limoe_ds.run_config import model_config
     model_cfg = model_config(cfg["limoe"]["model"])
     num_local = model_cfg.moe.num_experts // layout.ep if model_cfg.moe else 1
@@ -170,8 +176,8 @@ def _partition(shard: dict[str, Any], g: int, key: str, ckpt_dir: Path, rank: in
         return shard["base_optimizer_state"]["state"][g][key].float()
     except (KeyError, IndexError):
         lay = Layout(rank=rank, world_size=layout.world_size, ep=layout.ep, tp=layout.tp)
-        raise CheckpointError(f"{ckpt_dir}/zero_pp_rank_{lay.dp_rank}_mp_rank_{lay.tp_rank:02d}_optim_states.pt: "
-                              f"no {key} for optimizer group {g}; the shard is from another run or optimizer") from None
+        raise CheckpointError(f"{_zero_file(ckpt_dir, lay.dp_rank, lay.tp_rank)}: no {key} for optimizer group {g}; "
+                              f"the shard is from another run or optimizer") from None
 
 
 def _check_against_config(weights: dict[str, torch.Tensor], model_cfg, ckpt_dir: Path) -> None:
@@ -312,7 +318,7 @@ def _init_adam_state(engine, src_dir: Path, state: FullState) -> None:
     the source's step count), so that DeepSpeed's fragment views exist to be filled."""
     opt = engine.optimizer
     base = opt.optimizer
-    src = torch.load(next(src_dir.glob("zero_pp_rank_0_mp_rank_00_optim_states.pt")), map_location="cpu",
+    src = torch.load(_zero_file(src_dir, 0, 0), map_location="cpu",
                      weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
     for g, (group, flat) in enumerate(zip(base.param_groups, opt.single_partition_of_fp32_groups)):
         template = src["state"][g]

@@ -213,3 +213,24 @@ def test_reshard_refuses_what_it_cannot_do(ep2_run, tmp_path, capsys):
     assert "--reset-data" in run(tmp_path / "c", "--ep", "1", "--world", "1")
     (tmp_path / "d").mkdir()
     assert "exists" in run(tmp_path / "d", "--ep", "1", "--world", "2")
+
+
+def test_bf16_run_exports_the_fp32_master_and_reshards_it(tmp_path):
+    """A bf16 run (DeepSpeed names its shards bf16_zero_pp_rank_*): export holds the fp32 master
+    weights, not the bf16 module copies (they round to the module's values exactly, and differ
+    from them), and resharding keeps the master and both moments bit for bit."""
+    from limoe_ds import checkpoint, load_pretrained
+    from limoe_ds.convert import read_full_state
+    proc = _launch(tmp_path / "run", 4, [*EP2_ZERO2, "ds.bf16.enabled=true"])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "step00000004"
+    assert (ckpt / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
+    assert convert_tool.main(["export", str(ckpt), str(tmp_path / "export")]) == 0
+    master = load_pretrained(tmp_path / "export").model.state_dict()
+    module = checkpoint.consolidated_model_state(ckpt)
+    assert {v.dtype for v in module.values()} == {torch.bfloat16}
+    assert all(torch.equal(master[k].bfloat16(), v) for k, v in module.items())
+    assert any(not torch.equal(master[k], v.float()) for k, v in module.items())
+    assert convert_tool.main(["reshard", str(ckpt), str(tmp_path / "ep1"), "--ep", "1", "--world", "2"]) == 0
+    assert _same_state(read_full_state(ckpt), read_full_state(tmp_path / "ep1" / "step00000004"))
