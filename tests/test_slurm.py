@@ -1,5 +1,5 @@
-"""Cluster launching: node lists, the deepspeed hostfile, ranks per node, and the launcher
-environment mapping (SLURM, deepspeed launcher, torchrun)."""
+"""Cluster launching: node lists, the deepspeed hostfile, ranks per node, the launcher environment
+mapping (SLURM, deepspeed launcher, torchrun), and the preemption stop flag."""
 
 from __future__ import annotations
 
@@ -170,6 +170,44 @@ def test_export_torch_env_maps_srun_and_leaves_a_launcher_alone():
     env = dict(DEEPSPEED)
     dist_env.export_torch_env(env)
     assert env == DEEPSPEED
+
+
+def test_bad_launcher_variables_exit_2_with_one_line(monkeypatch, capsys):
+    from limoe_ds.train import main
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["--deepspeed_config", str(ROOT / "ds_configs" / "tiny.json")]) == 2
+    assert capsys.readouterr().err.strip() == "error: RANK=2 is outside [0, WORLD_SIZE=2)"
+
+
+# ---- the stop flag ----------------------------------------------------------------------------
+STOP_FLAG_SCRIPT = """
+import os, signal, sys
+from limoe_ds.preemption import StopFlag
+stop = StopFlag()
+os.kill(os.getpid(), signal.SIG{first})
+print("flag", stop.signum == signal.SIG{first}, flush=True)
+if {agree}:
+    print("requested", stop.requested(), flush=True)
+os.kill(os.getpid(), signal.SIGTERM)
+stop.restore()
+os.kill(os.getpid(), signal.SIGTERM)  # after restore: ignored once stopping, the default action otherwise
+print("survived", flush=True)
+"""
+
+
+@pytest.mark.parametrize("first,agree,survives", [("USR1", True, True), ("USR1", False, False),
+                                                  ("TERM", False, False)])
+def test_stop_flag_records_a_signal_and_a_second_sigterm_still_kills(first, agree, survives):
+    """USR1 (Python's default: die) only sets the flag. Before the ranks agree to stop, a second
+    SIGTERM kills as before; after they agree, the save and the exit are not interrupted."""
+    p = subprocess.run([sys.executable, "-c", STOP_FLAG_SCRIPT.format(first=first, agree=agree)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert "flag True" in p.stdout, p.stderr
+    if survives:
+        assert p.returncode == 0 and "requested True" in p.stdout and "survived" in p.stdout
+    else:
+        assert p.returncode == -signal.SIGTERM and "survived" not in p.stdout
 
 
 def test_signal_ranks_reaches_registered_pids_on_this_host(tmp_path):
