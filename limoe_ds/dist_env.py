@@ -68,8 +68,8 @@ def _port(raw: str, key: str) -> int:
 
 def job_port(job_id: int) -> int:
     """The rendezvous port of a SLURM job when MASTER_PORT is not given: every rank derives the
-    same one, and jobs sharing a first node rarely collide (20000-39999, below the Linux ephemeral
-    range 32768+ only in part: set MASTER_PORT when that matters)."""
+    same one, and jobs sharing a first node rarely collide. 20000-39999 overlaps Linux's ephemeral
+    ports (32768+): set MASTER_PORT where a collision matters."""
     return 20000 + job_id % 20000
 
 
@@ -77,10 +77,10 @@ def launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
     """Where this process stands, from ``env`` (default ``os.environ``); see the module docstring."""
     env = os.environ if env is None else env
     if "RANK" in env or "WORLD_SIZE" in env:
-        if not ("RANK" in env and "WORLD_SIZE" in env):
-            missing = "WORLD_SIZE" if "RANK" in env else "RANK"
-            raise LaunchEnvError(f"{missing} is not set but {'RANK' if missing == 'WORLD_SIZE' else 'WORLD_SIZE'} is: "
-                                 f"a launcher sets both (unset the other one to run as a single process)")
+        if ("RANK" in env) != ("WORLD_SIZE" in env):
+            have, missing = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
+            raise LaunchEnvError(f"{missing} is not set but {have} is: a launcher sets both "
+                                 f"(unset {have} to run as a single process)")
         launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
         out = LaunchEnv(launcher, _int(env, "RANK"), _int(env, "LOCAL_RANK", default=0), _int(env, "WORLD_SIZE"),
                         env.get("MASTER_ADDR"), _port(env["MASTER_PORT"], "MASTER_PORT") if "MASTER_PORT" in env else None)

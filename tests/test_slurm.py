@@ -280,7 +280,8 @@ class Cluster:
     def env(self, **extra: str) -> dict[str, str]:
         """The submitting user's environment: this one without any outer launcher or SLURM job."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in
-               ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LAUNCHER", "GPUS_PER_NODE")}
+               ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LAUNCHER", "GPUS_PER_NODE",
+                "JOB_DIR", "LIMOE_ROOT", "PYTHON")}
         return {**env, "PATH": SBIN_PATH, "SLURM_CONF": str(self.conf), **extra}
 
     def cmd(self, *args: str, check: bool = True) -> str:
