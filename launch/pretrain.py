@@ -12,7 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from limoe_ds.train import main  # noqa: E402
+from limoe_ds.preemption import StopFlag  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    stop = StopFlag()  # before torch is imported: until then SIGUSR1 (a preemption warning) would kill
+    from limoe_ds.train import main
+    sys.exit(main(stop=stop))

@@ -21,6 +21,7 @@ with contextlib.redirect_stdout(sys.stderr):
     import deepspeed
     from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
+from limoe_ds.dist_env import export_torch_env
 from limoe_ds.losses import gathered_contrastive_loss
 from limoe_ds import parallel
 from limoe_ds.model.limoe import LIMoEModel, MAPHead
@@ -36,15 +37,17 @@ def _free_port() -> int:
 def init_distributed() -> None:
     """Start the default process group: NCCL on GPUs, gloo on CPU. A no-op when already started.
 
-    Without a launcher (plain ``python launch/pretrain.py``, tests) it starts a 1-rank group.
+    Without a launcher (plain ``python launch/pretrain.py``, tests) it starts a 1-rank group; under
+    ``srun`` without a launcher it maps the SLURM task variables first (limoe_ds.dist_env).
     """
     if dist.is_initialized():
         return
-    if "WORLD_SIZE" not in os.environ:
+    launch = export_torch_env()  # under srun: SLURM_PROCID/LOCALID/NTASKS -> RANK/LOCAL_RANK/WORLD_SIZE
+    if launch.launcher == "none":
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    with _deepspeed_chatter(int(os.environ["RANK"])):
+    with _deepspeed_chatter(launch.rank):
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 

@@ -3,6 +3,8 @@
 Validates the whole configuration before any process group starts (exit status 2 with a one-line
 message naming the key), then trains with DeepSpeed (ZeRO 0-2, expert parallelism), saves atomic
 checkpoints, logs to TensorBoard and ``metrics.jsonl``, and ends with a summary on rank 0.
+On SIGUSR1 or SIGTERM it saves a checkpoint at the next step boundary and exits with status 75
+(limoe_ds.preemption), for a batch script to requeue.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import torch
 import torch.distributed as dist
 
 from limoe_ds import checkpoint, run_config
-from limoe_ds.dist_env import world_from_env
+from limoe_ds.dist_env import LaunchEnvError, register_pid, world_from_env
 from limoe_ds.data import DataError, Tokenizer, build_eval_loader, build_train_loader
 from limoe_ds.moe import diagnostics
+from limoe_ds.preemption import EXIT_PREEMPTED, Preempted, StopFlag
 from limoe_ds.run_config import ConfigError, RunConfig
 
 
@@ -33,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="dotted overrides of the limoe block, e.g. train.steps=200 data.train=/shards (ds.KEY for DeepSpeed keys)")
     ap.add_argument("--resume", default="auto", help="auto (latest complete checkpoint in run_dir, if any), none, or a checkpoint dir")
+    ap.add_argument("--pid-dir", help="write this rank's PID into DIR (for a batch script to forward a "
+                                      "preemption signal past the deepspeed launcher; launch/slurm/pretrain.sbatch)")
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return ap.parse_args(argv)
 
@@ -219,16 +224,17 @@ def _save(engine, loader, ckpt_root: Path, step: int, cfg: RunConfig) -> Path:
                            keep_last=cfg.train.keep_last)
 
 
-def train(cfg: RunConfig, *, rank: int, world: int, resume: str = "auto") -> dict:
-    """Train (resuming per ``resume``), evaluate, and return the run summary (every rank)."""
+def train(cfg: RunConfig, *, rank: int, world: int, resume: str = "auto", stop: StopFlag | None = None) -> dict:
+    """Train (resuming per ``resume``), evaluate, and return the run summary (every rank). With
+    ``stop``, a signal makes it save at the next step boundary and raise ``Preempted``."""
     from limoe_ds import parallel
     try:
-        return _train(cfg, rank=rank, world=world, resume=resume)
+        return _train(cfg, rank=rank, world=world, resume=resume, stop=stop)
     finally:
         parallel.teardown()  # the layout's process groups belong to this run
 
 
-def _train(cfg: RunConfig, *, rank: int, world: int, resume: str) -> dict:
+def _train(cfg: RunConfig, *, rank: int, world: int, resume: str, stop: StopFlag | None) -> dict:
     from limoe_ds.engine import train_step
     run_dir = Path(cfg.train.run_dir)
     ckpt_root = run_dir / "checkpoints"
@@ -270,8 +276,15 @@ def _train(cfg: RunConfig, *, rank: int, world: int, resume: str) -> dict:
             window = Window()
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
             _evaluate(evaluator, engine.module, metrics, step)
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.steps:
+        saved = (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.steps
+        if saved:
             _save(engine, loader, ckpt_root, step, cfg)
+        if stop is not None and step < cfg.train.steps and stop.requested():  # one tiny all-reduce
+            path = ckpt_root / f"step{step:08d}" if saved else _save(engine, loader, ckpt_root, step, cfg)
+            if bar is not None:
+                bar.close()
+            metrics.close()
+            raise Preempted(step, stop.signum, path)
     if bar is not None:
         bar.close()
     train_seconds = time.perf_counter() - t_start
@@ -325,9 +338,27 @@ def _final(engine, evaluator, metrics, step, start, losses, loader, skipped, ckp
             "metrics": str(run_dir / "metrics.jsonl"), "losses": losses}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stop: StopFlag | None = None) -> int:
+    """``stop``: signal handlers installed earlier by the caller (launch/pretrain.py does so before
+    importing torch); by default installed here."""
+    stop = stop or StopFlag()  # before anything slow: SIGUSR1's default action is to die
     args = parse_args(argv)
-    rank, world = world_from_env()
+    pid_file = None
+    try:
+        rank, world = world_from_env()
+        if args.pid_dir:
+            pid_file = register_pid(args.pid_dir, rank)
+        return _run(args, stop, rank, world)
+    except LaunchEnvError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        stop.restore()
+        if pid_file is not None:
+            pid_file.unlink(missing_ok=True)
+
+
+def _run(args: argparse.Namespace, stop: StopFlag, rank: int, world: int) -> int:
     try:
         cfg = run_config.load(args.deepspeed_config, args.set, world_size=world)
     except (ConfigError, DataError) as e:
@@ -339,10 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     from limoe_ds.engine import init_distributed  # imports DeepSpeed: only after validation
     init_distributed()
     try:
-        summary = train(cfg, rank=rank, world=world, resume=args.resume)
+        summary = train(cfg, rank=rank, world=world, resume=args.resume, stop=stop)
     except (ConfigError, DataError) as e:
         print(f"error (rank {rank}): {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        log(f"preempted: {e}; exit status {EXIT_PREEMPTED} (requeue to resume)")
+        return EXIT_PREEMPTED
     if is_main():
         printable = {k: v for k, v in summary.items() if k != "losses"}
         print(json.dumps(printable, indent=1))
