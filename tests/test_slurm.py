@@ -24,6 +24,7 @@ import pytest
 
 from limoe_ds import dist_env
 from limoe_ds.dist_env import LaunchEnvError, expand_nodelist, hostfile_text, launch_env, ranks_per_node
+from test_train import _losses  # per-step losses from metrics.jsonl, the re-run steps of a resume overwriting
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "data" / "mini"
@@ -462,15 +463,6 @@ def _pretrain(cluster: Cluster, name: str, *, launcher: str, nodes: int, ranks_p
         LAUNCHER=launcher, GPUS_PER_NODE=str(ranks_per_node), MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1",
         PYTHON=sys.executable, JOB_DIR=str(cluster.root / "jobdirs" / name))
     return job, run_dir
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "loss/total" in row:
-            out[row["step"]] = row["loss/total"]  # after a resume the re-run steps overwrite
-    return out
 
 
 def _logged_steps(run_dir: Path) -> int:
