@@ -133,6 +133,14 @@ def read_marker(ckpt_dir: Path, flag: str) -> dict[str, Any]:
     return json.loads(marker.read_text())
 
 
+def saved_layout(meta: dict[str, Any]):
+    """The parallel layout (rank 0's view) a checkpoint was written at, from its marker."""
+    from limoe_ds.parallel import Layout
+    saved = meta.get("config", {}).get("limoe", {}).get("parallel", {})
+    return Layout(rank=0, world_size=int(meta["world_size"]), ep=int(saved.get("expert_parallel_size", 1)),
+                  tp=int(saved.get("tensor_parallel_size", 1)))
+
+
 def load(engine, ckpt_dir: Path) -> tuple[int, dict[str, Any]]:
     """Restore model, optimizer, scheduler (DeepSpeed) and this rank's state; returns (step, rank_state)."""
     meta = read_marker(ckpt_dir, "--resume")
@@ -141,11 +149,9 @@ def load(engine, ckpt_dir: Path) -> tuple[int, dict[str, Any]]:
         raise ValueError(f"--resume: {ckpt_dir} was saved by {meta['world_size']} ranks, this run has {world}; "
                          f"resume with {meta['world_size']} ranks, or convert it: tools/convert_checkpoint.py reshard")
     from limoe_ds import parallel
-    state = parallel.state()
-    saved = meta.get("config", {}).get("limoe", {}).get("parallel", {})
-    saved_layout = (saved.get("tensor_parallel_size", 1), saved.get("expert_parallel_size", 1))
-    if state is not None and saved_layout != (state.layout.tp, state.layout.ep):
-        raise ValueError(f"--resume: {ckpt_dir} was saved at tp={saved_layout[0]}, ep={saved_layout[1]}; this run is "
+    state, saved = parallel.state(), saved_layout(meta)
+    if state is not None and (saved.tp, saved.ep) != (state.layout.tp, state.layout.ep):
+        raise ValueError(f"--resume: {ckpt_dir} was saved at tp={saved.tp}, ep={saved.ep}; this run is "
                          f"tp={state.layout.tp}, ep={state.layout.ep}: convert it first with "
                          f"tools/convert_checkpoint.py reshard --tp {state.layout.tp} --ep {state.layout.ep} --world {world}")
     rank_file = ckpt_dir / f"limoe_rank{_rank():05d}.pt"
@@ -166,8 +172,7 @@ def consolidated_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     are the module weights (bf16 in a bf16 run), not the fp32 optimizer master copy."""
     from limoe_ds.parallel import tp_partition, tp_unshard
     ckpt_dir = Path(ckpt_dir)
-    meta = read_marker(ckpt_dir, "--checkpoint")
-    tp = int(meta.get("config", {}).get("limoe", {}).get("parallel", {}).get("tensor_parallel_size", 1))
+    tp = saved_layout(read_marker(ckpt_dir, "--checkpoint")).tp
     parts = []
     for t in range(tp):
         shared = ckpt_dir / f"mp_rank_{t:02d}_model_states.pt"

@@ -56,6 +56,11 @@ class FullState:
     """The run's resolved config (DeepSpeed JSON with the "limoe" block), from the checkpoint."""
     layout: Layout
     """The layout the checkpoint was written at (rank 0's view)."""
+    lr_scheduler: dict[str, Any] | None
+    global_steps: int
+    optimizer_template: dict[str, Any]
+    """The base optimizer's per-group hyperparameters and non-partition state (e.g. Adam's step),
+    from rank 0's shard: what a resharded optimizer is given before its moments are filled in."""
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -73,16 +78,6 @@ def _zero_file(ckpt_dir: Path, dp_rank: int, tp_rank: int) -> Path:
     name = f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt"
     bf16 = ckpt_dir / f"bf16_{name}"
     return bf16 if bf16.is_file() else ckpt_dir / name
-
-
-def checkpoint_layout(marker: dict[str, Any]) -> Layout:
-    parallel = marker["config"]["limoe"].get("parallel", {})
-    return Layout(rank=0, world_size=int(marker["world_size"]), ep=int(parallel.get("expert_parallel_size", 1)),
-                  tp=int(parallel.get("tensor_parallel_size", 1)))
-
-
-def _rank_of(layout: Layout, dp_rank: int, tp_rank: int) -> int:
-    return dp_rank * layout.tp + tp_rank
 
 
 def _global_expert_name(name: str, ep_rank: int, num_local: int) -> str:
@@ -105,12 +100,10 @@ def read_full_state(ckpt_dir: str | os.PathLike) -> FullState:
     if stage not in (1, 2):
         raise CheckpointError(f"{ckpt_dir}: ZeRO stage {stage}; conversion reads ZeRO 1/2 optimizer shards "
                               f"(the fp32 master weights and Adam moments live there)")
-    layout = checkpoint_layout(marker)
+    layout = checkpoint.saved_layout(marker)
     lanes = [_load(ckpt_dir / f"mp_rank_{t:02d}_model_states.pt") for t in range(layout.tp)]
-    shards = {}
-    for r in range(layout.world_size):
-        lay = Layout(rank=r, world_size=layout.world_size, ep=layout.ep, tp=layout.tp)
-        shards[r] = _load(_zero_file(ckpt_dir, lay.dp_rank, lay.tp_rank))["optimizer_state_dict"]
+    files = {r: _zero_file(ckpt_dir, r // layout.tp, r % layout.tp) for r in range(layout.world_size)}
+    shards = {r: _load(f)["optimizer_state_dict"] for r, f in files.items()}
     from limoe_ds.run_config import model_config
     model_cfg = model_config(cfg["limoe"]["model"])
     num_local = model_cfg.moe.num_experts // layout.ep if model_cfg.moe else 1
@@ -122,15 +115,12 @@ def read_full_state(ckpt_dir: str | os.PathLike) -> FullState:
     groups0 = shards[0]["base_optimizer_state"]["param_groups"]
     for g, group in enumerate(groups0):
         is_moe = bool(group.get("moe"))
-        if is_moe:
-            members = [sorted(m) for m in layout.expert_data_groups()]  # index = ep position
-            runs = [(e, m) for e, m in enumerate(members)]
-        else:
-            runs = [(t, [_rank_of(layout, d, t) for d in range(layout.dp)]) for t in range(layout.tp)]
-        for key, ranks in runs:
+        # the ranks whose partitions make up the group, in partition order: per ep position (experts)
+        # or per tp lane (dense)
+        for key, ranks in enumerate(layout.expert_data_groups() if is_moe else layout.dp_groups()):
             lane = 0 if is_moe else key
             shapes = lanes[lane]["param_shapes"][g]
-            flat = {k: torch.cat([_partition(shards[r], g, k, ckpt_dir, r, layout) for r in ranks])
+            flat = {k: torch.cat([_partition(shards[r], g, k, files[r]) for r in ranks])
                     for k in ("fp32", "exp_avg", "exp_avg_sq")}
             paddings = shards[ranks[0]].get("param_alignment_paddings", [[0]])[g]
             if any(paddings):
@@ -166,17 +156,26 @@ def read_full_state(ckpt_dir: str | os.PathLike) -> FullState:
     for name, values in experts.items():
         weights[name], exp_avg[name], exp_avg_sq[name] = values["fp32"], values["exp_avg"], values["exp_avg_sq"]
     _check_against_config(weights, model_cfg, ckpt_dir)
-    return FullState(weights, exp_avg, exp_avg_sq, adam_step, int(marker["step"]), cfg, layout)
+    base = shards[0]["base_optimizer_state"]
+    def is_partition(v) -> bool:  # a per-entry state tensor (Adam's moments), laid out like the partition
+        return torch.is_tensor(v) and v.dim() == 1
+
+    groups = range(len(base["param_groups"]))
+    template = {"param_groups": [{k: v for k, v in grp.items() if k != "params"} for grp in base["param_groups"]],
+                "state": [{k: v for k, v in base["state"][g].items() if not is_partition(v)} for g in groups],
+                "partition_keys": [[k for k, v in base["state"][g].items() if is_partition(v)] for g in groups]}
+    return FullState(weights, exp_avg, exp_avg_sq, adam_step, int(marker["step"]), cfg, layout,
+                     lr_scheduler=lanes[0].get("lr_scheduler"), global_steps=int(lanes[0].get("global_steps", marker["step"])),
+                     optimizer_template=template)
 
 
-def _partition(shard: dict[str, Any], g: int, key: str, ckpt_dir: Path, rank: int, layout: Layout) -> torch.Tensor:
+def _partition(shard: dict[str, Any], g: int, key: str, path: Path) -> torch.Tensor:
     try:
         if key == "fp32":
             return shard["single_partition_of_fp32_groups"][g].float()
         return shard["base_optimizer_state"]["state"][g][key].float()
     except (KeyError, IndexError):
-        lay = Layout(rank=rank, world_size=layout.world_size, ep=layout.ep, tp=layout.tp)
-        raise CheckpointError(f"{_zero_file(ckpt_dir, lay.dp_rank, lay.tp_rank)}: no {key} for optimizer group {g}; "
+        raise CheckpointError(f"{path}: no {key} for optimizer group {g}; "
                               f"the shard is from another run or optimizer") from None
 
 
@@ -246,12 +245,10 @@ def check_reshard(src: Path, out: Path, *, tp: int, ep: int, world: int, reset_d
     if out.exists():
         raise CheckpointError(f"{out} exists; choose another output directory")
     try:
-        cfg = run_config.resolve(resharded_config(marker, tp=tp, ep=ep, world=world), world_size=world,
-                                 check_paths=False)
+        run_config.resolve(resharded_config(marker, tp=tp, ep=ep, world=world), world_size=world, check_paths=False)
     except ValueError as e:
         raise CheckpointError(f"the layout tp={tp}, ep={ep}, world={world} cannot hold this model: {e}") from None
-    del cfg
-    old = checkpoint_layout(marker)
+    old = checkpoint.saved_layout(marker)
     if old.dp != world // tp and not reset_data:
         raise CheckpointError(f"data-parallel size changes {old.dp} -> {world // tp}: each rank's data position "
                               f"cannot be carried over; pass --reset-data to restart the data stream (the model, "
@@ -290,17 +287,16 @@ def reshard_rank(rank: int, world: int, src: str, out: str, tp: int, ep: int) ->
         for name, p in model.named_parameters():
             p.copy_(local(state.weights, name))
     engine, _ = build_engine(model, cfg.deepspeed)
-    _init_adam_state(engine, src_dir, state)
+    _init_adam_state(engine, state)
     for name, p in engine.module.named_parameters():
         safe_set_full_fp32_param(p, local(state.weights, name))
         safe_set_full_optimizer_state(p, local(state.exp_avg, name), "exp_avg")
         safe_set_full_optimizer_state(p, local(state.exp_avg_sq, name), "exp_avg_sq")
-    src_model_states = torch.load(src_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    if engine.lr_scheduler is not None and src_model_states.get("lr_scheduler") is not None:
-        engine.lr_scheduler.load_state_dict(src_model_states["lr_scheduler"])
-    engine.global_steps = src_model_states.get("global_steps", state.step)
+    if engine.lr_scheduler is not None and state.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(state.lr_scheduler)
+    engine.global_steps = state.global_steps
     engine.global_samples = engine.global_steps * cfg.deepspeed["train_batch_size"]
-    old = checkpoint_layout(marker)
+    old = checkpoint.saved_layout(marker)
     rank_state = None
     if old.dp == layout.dp:  # the same data-parallel rank continues the same data stream and RNG
         rank_state = torch.load(src_dir / f"limoe_rank{layout.dp_rank * old.tp:05d}.pt", weights_only=False)
@@ -313,20 +309,17 @@ def reshard_rank(rank: int, world: int, src: str, out: str, tp: int, ep: int) ->
     parallel.teardown()
 
 
-def _init_adam_state(engine, src_dir: Path, state: FullState) -> None:
-    """Give the ZeRO optimizer's base optimizer the state structure it has after a step (zeros,
-    the source's step count), so that DeepSpeed's fragment views exist to be filled."""
+def _init_adam_state(engine, state: FullState) -> None:
+    """Give the ZeRO optimizer's base optimizer the state structure it has after a step (zero
+    moments, the source's step count and hyperparameters), so that DeepSpeed's fragment views
+    exist to be filled."""
     opt = engine.optimizer
     base = opt.optimizer
-    src = torch.load(_zero_file(src_dir, 0, 0), map_location="cpu",
-                     weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
+    template = state.optimizer_template
     for g, (group, flat) in enumerate(zip(base.param_groups, opt.single_partition_of_fp32_groups)):
-        template = src["state"][g]
-        base.state[flat] = {k: (torch.zeros_like(flat) if torch.is_tensor(v) and v.dim() == 1 else
-                                v.clone() if torch.is_tensor(v) else v) for k, v in template.items()}
-        for k, v in src["param_groups"][g].items():
-            if k not in ("params",):
-                group[k] = v
+        base.state[flat] = {k: v.clone() if torch.is_tensor(v) else v for k, v in template["state"][g].items()}
+        base.state[flat].update({k: torch.zeros_like(flat) for k in template["partition_keys"][g]})
+        group.update(template["param_groups"][g])
     opt._hp_optimizer_states_linked = False
     opt._lazy_init_hp_params_optimizer_state()
 
