@@ -23,7 +23,7 @@ with contextlib.redirect_stdout(sys.stderr):
 
 from limoe_ds.dist_env import export_torch_env
 from limoe_ds.losses import gathered_contrastive_loss
-from limoe_ds import parallel
+from limoe_ds import parallel, shm
 from limoe_ds.model.limoe import LIMoEModel, MAPHead
 
 
@@ -49,6 +49,17 @@ def init_distributed() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     with _deepspeed_chatter(launch.rank):
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if backend == "gloo":
+        _unlink_shm_buffer()
+
+
+def _unlink_shm_buffer() -> None:
+    """DeepSpeed's CPU all-reduce leaves a 66 MB /dev/shm buffer per rank behind (limoe_ds.shm).
+    Every rank maps all its peers' buffers inside init, so after one barrier each rank unlinks
+    its own name; the memory is freed when the processes exit, however they end."""
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    shm.unlink_own(dist.get_rank())
 
 
 @contextlib.contextmanager

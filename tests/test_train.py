@@ -248,6 +248,9 @@ def test_activation_checkpointing_recomputes_the_same_routing():
 
 
 # ---- two ranks through the deepspeed launcher: kill -9 mid-run, resume, same losses ---------------
+LAUNCHED: list[subprocess.Popen] = []  # killed after each test if still running (tests/conftest.py)
+
+
 def _launch(run_dir: Path, steps: int, extra=(), ranks: int = 2) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -256,8 +259,10 @@ def _launch(run_dir: Path, steps: int, extra=(), ranks: int = 2) -> subprocess.P
            str(ROOT / "launch" / "pretrain.py"), "--deepspeed_config", str(TINY), "--set", f"train.steps={steps}",
            f"train.run_dir={run_dir}", "train.log_every=1", "train.save_every=4", "logging.progress_bar=false",
            "ds.scheduler.params.warmup_num_steps=2", "eval.max_batches=1", *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    LAUNCHED.append(proc)
+    return proc
 
 
 def _port() -> int:
@@ -276,8 +281,13 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
+def _shm_buffers() -> set[Path]:
+    return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+
+
 def test_resume_after_kill_9_continues_bitwise(tmp_path):
     steps = 12
+    shm_before = _shm_buffers()
     full = _launch(tmp_path / "full", steps)
     out, _ = full.communicate(timeout=600)
     assert full.returncode == 0, out[-3000:]
@@ -297,6 +307,9 @@ def test_resume_after_kill_9_continues_bitwise(tmp_path):
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     assert [a[s] for s in a] == [b[s] for s in a]  # bitwise: same data, RNG, optimizer state
+    # DeepSpeed's CPU all-reduce buffers (66 MB of RAM per rank) are unlinked at init: neither the
+    # finished runs nor the SIGKILLed one leave any in /dev/shm (engine._unlink_shm_buffer).
+    assert _shm_buffers() - shm_before == set()
     # The resumed run's expert-parallel-2 checkpoint, consolidated and evaluated on one rank with every
     # expert (tools/evaluate.py), gives the 2-rank engine's dropless zero-shot numbers.
     sys.path.insert(0, str(ROOT / "tools"))
