@@ -27,11 +27,12 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from limoe_ds import checkpoint
+from limoe_ds.dist_env import free_port
 from limoe_ds.parallel import Layout, tp_partition, tp_unshard
 
 EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
@@ -64,10 +65,17 @@ class FullState:
 
 
 def _load(path: Path) -> dict[str, Any]:
+    """A checkpoint file, memory-mapped: tensors are read from disk only where they are used (and
+    then shared through the page cache by every process on the machine reading the same file)."""
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete (was it copied whole?)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # torch's legacy (pre-zip) format cannot be mapped: read it whole
+                raise
+            return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated / corrupt: torch raises several kinds
         raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:120]}); "
                               f"the file is truncated or damaged") from None
@@ -88,8 +96,33 @@ def _global_expert_name(name: str, ep_rank: int, num_local: int) -> str:
     return f"{head}{EXPERT_PREFIX}{ep_rank * num_local + int(local)}.{rest}"
 
 
-def read_full_state(ckpt_dir: str | os.PathLike) -> FullState:
-    """Weights, Adam moments and step of a ZeRO 1/2 checkpoint of any layout, by single-device name."""
+class _Flat:
+    """One optimizer group's partitions end to end, not copied (they are memory-mapped): only the
+    slices asked for are read."""
+
+    def __init__(self, parts: list[torch.Tensor]) -> None:
+        self.parts = parts
+        self.starts = [0]
+        for p in parts:
+            self.starts.append(self.starts[-1] + p.numel())
+
+    def numel(self) -> int:
+        return self.starts[-1]
+
+    def slice(self, start: int, n: int) -> torch.Tensor:
+        pieces = []
+        for p, lo, hi in zip(self.parts, self.starts, self.starts[1:]):
+            a, b = max(start, lo), min(start + n, hi)
+            if a < b:
+                pieces.append(p[a - lo:b - lo])
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
+
+
+def read_full_state(ckpt_dir: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> FullState:
+    """Weights, Adam moments and step of a ZeRO 1/2 checkpoint of any layout, by single-device name.
+
+    ``keep(name)`` picks the parameters to read (default: all); the shard files are memory-mapped, so
+    what is not kept is not read. A resharding rank keeps the dense parameters and its own experts."""
     ckpt_dir = Path(ckpt_dir)
     try:
         marker = checkpoint.read_marker(ckpt_dir, "checkpoint")
@@ -120,7 +153,7 @@ def read_full_state(ckpt_dir: str | os.PathLike) -> FullState:
         for key, ranks in enumerate(layout.expert_data_groups() if is_moe else layout.dp_groups()):
             lane = 0 if is_moe else key
             shapes = lanes[lane]["param_shapes"][g]
-            flat = {k: torch.cat([_partition(shards[r], g, k, files[r]) for r in ranks])
+            flat = {k: _Flat([_partition(shards[r], g, k, files[r]) for r in ranks])
                     for k in ("fp32", "exp_avg", "exp_avg_sq")}
             paddings = shards[ranks[0]].get("param_alignment_paddings", [[0]])[g]
             if any(paddings):
@@ -133,10 +166,13 @@ def read_full_state(ckpt_dir: str | os.PathLike) -> FullState:
                 if offset + n > flat["fp32"].numel():
                     raise CheckpointError(f"{ckpt_dir}: optimizer group {g} holds {flat['fp32'].numel()} values, "
                                           f"fewer than its parameters need; a shard is truncated or from another run")
-                values = {k: v[offset:offset + n].view(shape).clone() for k, v in flat.items()}
+                gname = _global_expert_name(name, key, num_local) if is_moe else name
+                if keep is not None and not keep(gname):
+                    offset += n
+                    continue
+                values = {k: v.slice(offset, n).view(shape) for k, v in flat.items()}
                 offset += n
                 if is_moe:
-                    gname = _global_expert_name(name, key, num_local)
                     experts[gname] = values
                     adam_step[gname] = step
                 else:
@@ -155,7 +191,7 @@ def read_full_state(ckpt_dir: str | os.PathLike) -> FullState:
             out[name] = parts[0] if split is None else tp_unshard(parts, *split)
     for name, values in experts.items():
         weights[name], exp_avg[name], exp_avg_sq[name] = values["fp32"], values["exp_avg"], values["exp_avg_sq"]
-    _check_against_config(weights, model_cfg, ckpt_dir)
+    _check_against_config(weights, model_cfg, ckpt_dir, keep)
     base = shards[0]["base_optimizer_state"]
     def is_partition(v) -> bool:  # a per-entry state tensor (Adam's moments), laid out like the partition
         return torch.is_tensor(v) and v.dim() == 1
@@ -179,9 +215,11 @@ def _partition(shard: dict[str, Any], g: int, key: str, path: Path) -> torch.Ten
                               f"the shard is from another run or optimizer") from None
 
 
-def _check_against_config(weights: dict[str, torch.Tensor], model_cfg, ckpt_dir: Path) -> None:
+def _check_against_config(weights: dict[str, torch.Tensor], model_cfg, ckpt_dir: Path,
+                          keep: Callable[[str], bool] | None = None) -> None:
     from limoe_ds.model import build_model
-    want = {n: tuple(p.shape) for n, p in build_model(model_cfg, device="meta").named_parameters()}
+    want = {n: tuple(p.shape) for n, p in build_model(model_cfg, device="meta").named_parameters()
+            if keep is None or keep(n)}
     got = {n: tuple(t.shape) for n, t in weights.items()}
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     bad = sorted(n for n in set(want) & set(got) if want[n] != got[n])
@@ -235,7 +273,7 @@ def resharded_config(marker: dict[str, Any], *, tp: int, ep: int, world: int) ->
     return raw
 
 
-def check_reshard(src: Path, out: Path, *, tp: int, ep: int, world: int, reset_data: bool) -> dict[str, Any]:
+def check_reshard(src: Path, out: Path, *, tp: int, ep: int, world: int) -> dict[str, Any]:
     """Everything that can be refused before any process starts; returns the source marker."""
     from limoe_ds import run_config
     try:
@@ -248,12 +286,18 @@ def check_reshard(src: Path, out: Path, *, tp: int, ep: int, world: int, reset_d
         run_config.resolve(resharded_config(marker, tp=tp, ep=ep, world=world), world_size=world, check_paths=False)
     except ValueError as e:
         raise CheckpointError(f"the layout tp={tp}, ep={ep}, world={world} cannot hold this model: {e}") from None
-    old = checkpoint.saved_layout(marker)
-    if old.dp != world // tp and not reset_data:
-        raise CheckpointError(f"data-parallel size changes {old.dp} -> {world // tp}: each rank's data position "
-                              f"cannot be carried over; pass --reset-data to restart the data stream (the model, "
-                              f"optimizer, schedule and step are kept)")
     return marker
+
+
+def experts_of(ep_rank: int, num_local: int) -> Callable[[str], bool]:
+    """name -> whether an expert-parallel rank holds it: every dense parameter, and the experts
+    ep_rank * num_local ... (ep_rank + 1) * num_local - 1 (single-device names)."""
+    lo = ep_rank * num_local
+
+    def keep(name: str) -> bool:
+        _, sep, tail = name.partition(EXPERT_PREFIX)
+        return not sep or lo <= int(tail.partition(".")[0]) < lo + num_local
+    return keep
 
 
 def reshard_rank(rank: int, world: int, src: str, out: str, tp: int, ep: int) -> None:
@@ -269,13 +313,13 @@ def reshard_rank(rank: int, world: int, src: str, out: str, tp: int, ep: int) ->
     from limoe_ds.model import build_model
     src_dir, out_root = Path(src), Path(out)
     marker = checkpoint.read_marker(src_dir, "checkpoint")
-    state = read_full_state(src_dir)
     cfg = run_config.resolve(resharded_config(marker, tp=tp, ep=ep, world=world), world_size=world, check_paths=False)
     layout = parallel.Layout(rank=rank, world_size=world, ep=ep, tp=tp)
+    num_local = cfg.model.moe.num_experts // ep if cfg.model.moe else 1
+    state = read_full_state(src_dir, keep=experts_of(layout.ep_rank, num_local))
     parallel.setup(layout)
     # on the CPU, not meta: DeepSpeed tags expert parameters at construction (to_empty would drop the tags)
     model = build_model(cfg.model, ep_size=ep, ep_rank=layout.ep_rank, tp=parallel.TensorParallel(tp, layout.tp_rank))
-    num_local = cfg.model.moe.num_experts // ep if cfg.model.moe else 1
 
     def local(full: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         gname = _global_expert_name(name, layout.ep_rank, num_local)
@@ -297,11 +341,15 @@ def reshard_rank(rank: int, world: int, src: str, out: str, tp: int, ep: int) ->
     engine.global_steps = state.global_steps
     engine.global_samples = engine.global_steps * cfg.deepspeed["train_batch_size"]
     old = checkpoint.saved_layout(marker)
-    rank_state = None
     if old.dp == layout.dp:  # the same data-parallel rank continues the same data stream and RNG
         rank_state = torch.load(src_dir / f"limoe_rank{layout.dp_rank * old.tp:05d}.pt", weights_only=False)
-    checkpoint.save(engine, out_root, state.step,
-                    rank_state=lambda: rank_state or {"rng": None, "data": None, "step": state.step},
+    else:  # per-reader positions cannot carry over: every source continues at its next epoch
+        from limoe_ds.data.loader import epoch_start_state
+        saved = [torch.load(src_dir / f"limoe_rank{d * old.tp:05d}.pt", weights_only=False)["data"]
+                 for d in range(old.dp)]
+        data = None if None in saved else epoch_start_state(saved, layout.dp_rank)
+        rank_state = {"rng": None, "data": data, "step": state.step}
+    checkpoint.save(engine, out_root, state.step, rank_state=lambda: rank_state,
                     meta={"preset": marker.get("preset"), "data_skips": marker.get("data_skips", {}),
                           "config": cfg.to_dict(), "resharded_from": str(src_dir.resolve()),
                           "source_layout": {"tp": old.tp, "ep": old.ep, "world_size": old.world_size}},
@@ -324,9 +372,11 @@ def _init_adam_state(engine, state: FullState) -> None:
     opt._lazy_init_hp_params_optimizer_state()
 
 
-def reshard(src: str | os.PathLike, out: str | os.PathLike, *, tp: int, ep: int, world: int,
-            reset_data: bool = False) -> Path:
+def reshard(src: str | os.PathLike, out: str | os.PathLike, *, tp: int, ep: int, world: int) -> Path:
     """Write ``out/stepN`` (+ ``latest``): the checkpoint ``src`` at layout (tp, ep, world).
+
+    The data position carries over exactly when the data-parallel size stays; otherwise every
+    source continues at the start of its next epoch (limoe_ds.data.loader.epoch_start_state).
 
     Under a launcher that started ``world`` ranks each rank does its part; otherwise ``world`` CPU
     processes (gloo) are started here. ``out`` is a checkpoint root: resume with
@@ -335,7 +385,7 @@ def reshard(src: str | os.PathLike, out: str | os.PathLike, *, tp: int, ep: int,
     import torch.multiprocessing as mp
     from limoe_ds.dist_env import world_from_env
     src, out = Path(src), Path(out)
-    check_reshard(src, out, tp=tp, ep=ep, world=world, reset_data=reset_data)
+    check_reshard(src, out, tp=tp, ep=ep, world=world)
     rank, launched = world_from_env()
     if launched > 1:
         if launched != world:
@@ -345,7 +395,7 @@ def reshard(src: str | os.PathLike, out: str | os.PathLike, *, tp: int, ep: int,
         reshard_rank(rank, world, str(src), str(out), tp, ep)
     else:
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_spawned, args=(r, world, port, str(src), str(out), tp, ep)) for r in range(world)]
         for p in procs:
             p.start()
@@ -356,13 +406,6 @@ def reshard(src: str | os.PathLike, out: str | os.PathLike, *, tp: int, ep: int,
             raise CheckpointError(f"resharding failed on ranks {failed} (their errors are above); nothing was "
                                   f"written to {out} except possibly a .partial directory, which is ignored")
     return out
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _spawned(rank: int, world: int, port: int, src: str, out: str, tp: int, ep: int) -> None:

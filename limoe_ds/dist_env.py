@@ -66,6 +66,13 @@ def _port(raw: str, key: str) -> int:
     return port
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now (for a one-machine rendezvous started right away)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def job_port(job_id: int) -> int:
     """The rendezvous port of a SLURM job when MASTER_PORT is not given: every rank derives the
     same one, and jobs sharing a first node rarely collide. 20000-39999 overlaps Linux's ephemeral

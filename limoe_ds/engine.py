@@ -21,17 +21,10 @@ with contextlib.redirect_stdout(sys.stderr):
     import deepspeed
     from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 
-from limoe_ds.dist_env import export_torch_env
+from limoe_ds.dist_env import export_torch_env, free_port
 from limoe_ds.losses import gathered_contrastive_loss
 from limoe_ds import parallel, shm
 from limoe_ds.model.limoe import LIMoEModel, MAPHead
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed() -> None:
@@ -45,7 +38,7 @@ def init_distributed() -> None:
     launch = export_torch_env()  # under srun: SLURM_PROCID/LOCALID/NTASKS -> RANK/LOCAL_RANK/WORLD_SIZE
     if launch.launcher == "none":
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     with _deepspeed_chatter(launch.rank):
         deepspeed.init_distributed(dist_backend=backend, verbose=False)

@@ -207,10 +207,14 @@ def _resume(engine, loader, ckpt_root: Path, resume: str) -> tuple[int, dict | N
     if path is None:
         return 0, None
     step, rank_state = checkpoint.load(engine, path)
-    if rank_state.get("data") is not None:
-        loader.load_state_dict(rank_state["data"])
-    else:  # resharded to another data-parallel size with --reset-data
-        log(f"{path}: no data position for this layout; the data stream starts afresh")
+    data = rank_state.get("data")
+    if data is None:
+        log(f"{path}: no data position saved; the data stream starts afresh")
+    else:
+        loader.load_state_dict(data)
+        if data.get("kind") == "epoch_start":  # resharded to another data-parallel size
+            log(f"{path}: resharded from another data-parallel size; the data stream continues at the start "
+                f"of epoch {', '.join(map(str, data['next_epochs']))} (per source)")
     log(f"resumed from {path} at step {step}")
     return step, rank_state["rng"]
 
@@ -219,7 +223,7 @@ def _save(engine, loader, ckpt_root: Path, step: int, cfg: RunConfig) -> Path:
     def rank_state():
         return {"rng": checkpoint.rng_state(), "data": loader.state_dict(), "step": step}
     return checkpoint.save(engine, ckpt_root, step, rank_state=rank_state,
-                           meta={"preset": cfg.model.name, "data_skips": loader.skip_counts(),
+                           meta={"preset": cfg.model.name, "data_skips": _sum_counts(loader.skip_counts()),
                                  "config": cfg.to_dict()},
                            keep_last=cfg.train.keep_last)
 

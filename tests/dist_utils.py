@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from limoe_ds.dist_env import free_port
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
@@ -39,7 +34,7 @@ def run_ranks(fn, world: int, *args, timeout: float = 600) -> list:
     """fn(rank, world, *args) on ``world`` gloo ranks; returns the per-rank results (rank order)."""
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_worker, args=(r, world, port, out_dir, fn, args)) for r in range(world)]
         for p in procs:
             p.start()

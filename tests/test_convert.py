@@ -214,6 +214,25 @@ def test_reshard_ep2_to_1_to_2_and_to_tp2_keeps_adam_state_and_the_loss_curve(ep
     assert sorted(got) == [5, 6, 7, 8] and all(got[s] == pytest.approx(want[s], rel=1e-5) for s in got)
 
 
+def test_a_resharding_rank_reads_only_the_dense_parameters_and_its_own_experts(ep2_run):
+    """Reshard's memory: rank e of the target expert-parallel layout keeps the dense parameters and
+    experts e*n .. e*n+n-1 (experts_of), with the same values as the whole state."""
+    from limoe_ds.convert import EXPERT_PREFIX, experts_of, read_full_state
+    from limoe_ds.run_config import model_config
+    full = read_full_state(ep2_run)
+    num_experts = model_config(full.config["limoe"]["model"]).moe.num_experts
+    for ep, ep_rank in ((2, 1), (num_experts, 0)):
+        n = num_experts // ep
+        part = read_full_state(ep2_run, keep=experts_of(ep_rank, n))
+        experts = {k.split(EXPERT_PREFIX)[1].split(".")[0] for k in part.weights if EXPERT_PREFIX in k}
+        assert experts == {str(e) for e in range(ep_rank * n, ep_rank * n + n)}
+        dense = {k for k in full.weights if EXPERT_PREFIX not in k}
+        assert dense <= set(part.weights) and len(dense) > 10
+        for k in part.weights:
+            assert torch.equal(part.weights[k], full.weights[k]) and torch.equal(part.exp_avg[k], full.exp_avg[k])
+            assert torch.equal(part.exp_avg_sq[k], full.exp_avg_sq[k])
+
+
 def test_reshard_refuses_what_it_cannot_do(ep2_run, tmp_path, capsys):
     def run(*args) -> str:
         assert convert_tool.main(["reshard", str(ep2_run), *map(str, args)]) == 2
@@ -223,9 +242,25 @@ def test_reshard_refuses_what_it_cannot_do(ep2_run, tmp_path, capsys):
 
     assert "cannot hold this model" in run(tmp_path / "a", "--ep", "3", "--world", "3")
     assert "cannot hold this model" in run(tmp_path / "b", "--ep", "1", "--tp", "8", "--world", "8")
-    assert "--reset-data" in run(tmp_path / "c", "--ep", "1", "--world", "1")
     (tmp_path / "d").mkdir()
     assert "exists" in run(tmp_path / "d", "--ep", "1", "--world", "2")
+
+
+def test_reshard_to_another_data_parallel_size_continues_at_the_next_epoch(ep2_run, tmp_path):
+    """ep=2 on 2 ranks -> ep=1 on 1 rank: the data-parallel size changes, so the per-reader data
+    positions cannot carry over; the step-4 position (both ranks inside epoch 0 of data/mini) becomes
+    "start of epoch 1" and the 1-rank run resumes from it (global batch 64 now: micro 64 x dp 1)."""
+    out = tmp_path / "dp1"
+    assert convert_tool.main(["reshard", str(ep2_run), str(out), "--ep", "1", "--world", "1"]) == 0
+    data = torch.load(out / "step00000004" / "limoe_rank00000.pt", weights_only=False)["data"]
+    assert data["kind"] == "epoch_start" and data["next_epochs"] == [1]
+    run = tmp_path / "resumed"
+    proc = _launch(run, 6, [*EP2_ZERO2, "parallel.expert_parallel_size=1", "--resume", str(out / "step00000004")],
+                   ranks=1)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    assert "the data stream continues at the start of epoch 1" in log
+    assert sorted(_losses(run)) == [5, 6]
 
 
 def test_bf16_run_exports_the_fp32_master_and_reshards_it(tmp_path):

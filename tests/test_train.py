@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from limoe_ds import checkpoint, run_config
+from limoe_ds.dist_env import free_port
 from limoe_ds.run_config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,7 +256,7 @@ def _launch(run_dir: Path, steps: int, extra=(), ranks: int = 2) -> subprocess.P
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(_port()),
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()),
            str(ROOT / "launch" / "pretrain.py"), "--deepspeed_config", str(TINY), "--set", f"train.steps={steps}",
            f"train.run_dir={run_dir}", "train.log_every=1", "train.save_every=4", "logging.progress_bar=false",
            "ds.scheduler.params.warmup_num_steps=2", "eval.max_batches=1", *extra]
@@ -263,13 +264,6 @@ def _launch(run_dir: Path, steps: int, extra=(), ranks: int = 2) -> subprocess.P
                             start_new_session=True)
     LAUNCHED.append(proc)
     return proc
-
-
-def _port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _losses(run_dir: Path) -> dict[int, float]:

@@ -15,7 +15,8 @@ reshard: a checkpoint -> a checkpoint for another layout (tensor-parallel size, 
 size, world size), with the fp32 master weights, Adam's moments per parameter and per expert
 (re-partitioned by DeepSpeed's own ZeRO code at the new layout), the LR schedule and the step. When
 the data-parallel size is unchanged each rank's data position and RNG state carry over (training
-resumes exactly); otherwise --reset-data is required and the data stream restarts. Runs the target
+resumes exactly); otherwise every data source continues at the start of its next epoch (the rest
+of the epoch in progress is skipped: per-reader positions do not map to other ranks). Runs the target
 layout's ranks as CPU processes here, or one rank each under a launcher with --world ranks. Resume
 with ``--resume OUT/stepN`` at the new layout.
 
@@ -51,7 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     rs.add_argument("--tp", type=int, default=1)
     rs.add_argument("--ep", type=int, required=True)
     rs.add_argument("--world", type=int, required=True)
-    rs.add_argument("--reset-data", action="store_true", help="allow a data-parallel size change (data restarts)")
     rs.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     ins = sub.add_parser("inspect", help="read every shard; print layout, step, parameter count")
     ins.add_argument("checkpoint", type=Path)
@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             out = export(args.checkpoint, args.out, overwrite=args.overwrite)
             print(json.dumps({"exported": str(out), **json.loads((out / "limoe_export.json").read_text())}, indent=1))
         elif args.command == "reshard":
-            out = reshard(args.checkpoint, args.out, tp=args.tp, ep=args.ep, world=args.world,
-                          reset_data=args.reset_data)
+            out = reshard(args.checkpoint, args.out, tp=args.tp, ep=args.ep, world=args.world)
             from limoe_ds.dist_env import world_from_env
             if world_from_env()[0] == 0:
                 print(json.dumps({"resharded": str(args.checkpoint), "out": str(out), "tp": args.tp, "ep": args.ep,

@@ -12,6 +12,7 @@ Legend: B batch, H = W image size, L text_len.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 from typing import Any, Iterator
@@ -23,7 +24,7 @@ from limoe_ds.data.config import DataConfig, SourceConfig
 from limoe_ds.data.errors import DataError, zero_counts
 from limoe_ds.data.image import to_tensor
 from limoe_ds.data.sources import ResolvedSource, resolve_source
-from limoe_ds.data.stream import ReaderId, SampleSpec, WorkerStream
+from limoe_ds.data.stream import ReaderId, SampleSpec, SourcePos, WorkerStream
 from limoe_ds.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -156,9 +157,12 @@ class TrainLoader(_Loader):
                 "workers": [dict(s) if s else None for s in self._states], "counts": dict(self._counts)}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        """Continue exactly where the saved loader stopped (same data, seed, ranks, workers, batch)."""
+        """Continue exactly where the saved loader stopped (same data, seed, ranks, workers, batch),
+        or, from :func:`epoch_start_state`, at the start of each source's next epoch."""
         if d.get("version") != STATE_VERSION:
             raise ValueError(f"data state: version {d.get('version')!r} != {STATE_VERSION}; cannot resume")
+        if d.get("kind") == "epoch_start":
+            return self._start_at_epochs(d)
         for key, want in self._signature().items():
             if d.get(key) != want:
                 raise ValueError(f"data state: {key} was {d.get(key)!r} when saved but is {want!r} now; "
@@ -167,9 +171,47 @@ class TrainLoader(_Loader):
         self._states = [dict(s) if s else None for s in d["workers"]]
         self._counts = {**zero_counts(), **d["counts"]}
 
+    def _start_at_epochs(self, d: dict[str, Any]) -> None:
+        for key in ("seed", "shards"):
+            if d.get(key) != self._signature()[key]:
+                raise ValueError(f"data state: {key} was {d.get(key)!r} when saved but is "
+                                 f"{self._signature()[key]!r} now; resume with the same {key}")
+        start = [dataclasses.asdict(SourcePos(epoch=int(e))) for e in d["next_epochs"]]
+        self._states = [{"draws": 0, "sources": [dict(p) for p in start]} for _ in range(self.logical_workers)]
+        self._batches = 0
+        self._counts = {**zero_counts(), **d["counts"]}
+
     @property
     def batches(self) -> int:
         return self._batches
+
+
+def _begun(pos: dict[str, int]) -> bool:
+    return any(pos[k] for k in ("block", "shard_pos", "record", "emitted", "good"))
+
+
+def epoch_start_state(states: list[dict[str, Any]], dp_rank: int) -> dict[str, Any]:
+    """A data position that any data-parallel layout can resume: from the saved loader states of
+    EVERY data-parallel rank of a run, each source's first epoch that no reader had begun (the rest
+    of the epoch in progress is skipped; nothing is read twice within an epoch's shuffle), and the
+    run's skip counts (on new data-parallel rank 0 only: the counts are summed over ranks). Used when a checkpoint is resharded to another data-parallel size,
+    where per-reader positions cannot carry over (each rank reads other shards and records)."""
+    if not states or any(st.get("version") != STATE_VERSION or "workers" not in st for st in states):
+        raise ValueError("epoch_start_state needs every data-parallel rank's saved loader state")
+    first = states[0]
+    num_sources = len(first["shards"])
+    next_epochs = [0] * num_sources
+    for st in states:
+        for worker in st["workers"]:
+            for s, pos in enumerate(worker["sources"] if worker else []):
+                if pos is not None:
+                    next_epochs[s] = max(next_epochs[s], pos["epoch"] + (1 if _begun(pos) else 0))
+    counts = zero_counts()
+    for st in states if dp_rank == 0 else []:
+        for k, v in st["counts"].items():
+            counts[k] = counts.get(k, 0) + v
+    return {"version": STATE_VERSION, "kind": "epoch_start", "seed": first["seed"], "shards": first["shards"],
+            "next_epochs": next_epochs, "counts": counts}
 
 
 class EvalLoader(_Loader):
@@ -231,4 +273,5 @@ def build_eval_loader(cfg: DataConfig, *, image_size: int, tokenizer: Tokenizer,
                       batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size)
 
 
-__all__ = ["TrainLoader", "EvalLoader", "build_train_loader", "build_eval_loader", "STATE_VERSION"]
+__all__ = ["TrainLoader", "EvalLoader", "build_train_loader", "build_eval_loader", "epoch_start_state",
+           "STATE_VERSION"]

@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from data_helpers import make_tokenizer, pair_shards, write_tar
+from data_helpers import item_ids, make_tokenizer, pair_shards, write_tar
 from limoe_ds.data import DataConfig, build_train_loader
+from limoe_ds.data.loader import epoch_start_state
 
 BATCH, TOTAL = 5, 24
 
@@ -88,3 +89,48 @@ def test_incompatible_state_is_refused(data, change, key):
         setattr(other, k, v)
     with pytest.raises(ValueError, match=f"data state: {key} was"):
         loader(other, tok).load_state_dict(state)
+
+
+def _dp_loader(cfg, tok, rank, size):
+    return build_train_loader(cfg, image_size=12, tokenizer=tok, text_len=8, batch_size=BATCH, dp_rank=rank,
+                              dp_size=size)
+
+
+@pytest.mark.parametrize("batches, next_epoch", [(3, 1), (4, 2)])
+def test_a_data_parallel_size_change_resumes_at_the_next_epoch_and_reads_it_whole(data, batches, next_epoch):
+    """Two ranks read source a (33 samples, 16-17 each): after 3 batches of 5 both are inside epoch
+    0, after 4 one has begun epoch 1. The position moved to three ranks (a reshard 2 -> 3) starts
+    every rank at the next epoch no reader had begun; together they read that epoch whole, each
+    sample once, with the skip counts kept once (on new rank 0)."""
+    root, tok = data
+    cfg = cfg_for(root, 0, False)
+    states = []
+    for r in range(2):
+        old = _dp_loader(cfg, tok, r, 2)
+        take(iter(old), batches)
+        states.append(json.loads(json.dumps(old.state_dict())))
+    moved = [epoch_start_state(states, d) for d in range(3)]
+    assert [m["next_epochs"] for m in moved] == [[next_epoch]] * 3
+    seen = []
+    for d in range(3):
+        new = _dp_loader(cfg, tok, d, 3)
+        new.load_state_dict(json.loads(json.dumps(moved[d])))
+        ids = [i for b in take(iter(new), 3) for i in item_ids(tok, b["tokens"])]
+        seen += ids[:11]  # 33 samples over 3 ranks: the first 11 of each rank are the new epoch
+        assert new.batches == 3
+    assert sorted(seen) == list(range(33))
+    # and the new epoch is not a replay of epoch 0 (another shuffle): rank 0's order differs
+    fresh = _dp_loader(cfg, tok, 0, 3)
+    assert item_ids(tok, take(iter(fresh), 1)[0]["tokens"]) != seen[:BATCH]
+    assert moved[1]["counts"] == moved[2]["counts"] == {k: 0 for k in moved[1]["counts"]}
+
+
+def test_epoch_start_state_refuses_other_data(data):
+    root, tok = data
+    old = _dp_loader(cfg_for(root, 0, False), tok, 0, 1)
+    take(iter(old), 1)
+    moved = epoch_start_state([old.state_dict()], 0)
+    with pytest.raises(ValueError, match="data state: shards was"):
+        _dp_loader(cfg_for(root, 0, True), tok, 0, 2).load_state_dict(moved)
+    with pytest.raises(ValueError, match="every data-parallel rank"):
+        epoch_start_state([{"version": 1}], 0)
