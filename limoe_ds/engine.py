@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,10 @@ from torch import nn
 with contextlib.redirect_stdout(sys.stderr):
     import deepspeed
     from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+# DeepSpeed 0.19.8's ZeRO all-gather calls torch.distributed.all_gather_into_tensor, which torch 2.13
+# deprecates: a FutureWarning on every rank, again after every evaluation. Not ours to change.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                        category=FutureWarning)
 
 from limoe_ds.dist_env import export_torch_env, free_port
 from limoe_ds.losses import gathered_contrastive_loss
