@@ -1,8 +1,8 @@
 """Read a limoe_ds DeepSpeed checkpoint of any layout into one layout-free state, and export it.
 
 DeepSpeed's ``zero_to_fp32`` rejects MoE checkpoints (it does not know the per-expert files and
-the expert optimizer groups). Here, for ZeRO 1/2 checkpoints of any tensor- and expert-parallel
-size:
+the expert optimizer groups). Here, for ZeRO 0/1/2 checkpoints of any tensor- and expert-parallel
+size (ZeRO 0: ``_zero0_parts``; ZeRO 1/2:)
 
 - each rank's ZeRO file holds, per optimizer group, its flat partition of the fp32 master weights
   and of Adam's two moments; the flat group tensor is the partitions of the group's ranks in order
@@ -17,7 +17,7 @@ master weight and Adam moments. ``export`` writes the weights as one safetensors
 model config and the tokenizer, into a directory that is renamed into place only when complete.
 
 Errors (``CheckpointError``, a one-line message naming the file): missing shard, unreadable or
-truncated file, a checkpoint whose parameters do not match its own config, unsupported ZeRO stage.
+truncated file, a checkpoint whose parameters do not match its own config, ZeRO 3, resharding ZeRO 0.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class _Flat:
 
 
 def read_full_state(ckpt_dir: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> FullState:
-    """Weights, Adam moments and step of a ZeRO 1/2 checkpoint of any layout, by single-device name.
+    """Weights, Adam moments and step of a ZeRO 0/1/2 checkpoint of any layout, by single-device name.
 
     ``keep(name)`` picks the parameters to read (default: all); the shard files are memory-mapped, so
     what is not kept is not read. A resharding rank keeps the dense parameters and its own experts."""
@@ -130,20 +130,41 @@ def read_full_state(ckpt_dir: str | os.PathLike, keep: Callable[[str], bool] | N
         raise CheckpointError(str(e)) from None
     cfg = marker["config"]
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (1, 2):
-        raise CheckpointError(f"{ckpt_dir}: ZeRO stage {stage}; conversion reads ZeRO 1/2 optimizer shards "
-                              f"(the fp32 master weights and Adam moments live there)")
+    if stage not in (0, 1, 2):
+        raise CheckpointError(f"{ckpt_dir}: ZeRO stage {stage}; conversion reads ZeRO 0/1/2 checkpoints")
     layout = checkpoint.saved_layout(marker)
     lanes = [_load(ckpt_dir / f"mp_rank_{t:02d}_model_states.pt") for t in range(layout.tp)]
-    files = {r: _zero_file(ckpt_dir, r // layout.tp, r % layout.tp) for r in range(layout.world_size)}
-    shards = {r: _load(f)["optimizer_state_dict"] for r, f in files.items()}
     from limoe_ds.run_config import model_config
     model_cfg = model_config(cfg["limoe"]["model"])
     num_local = model_cfg.moe.num_experts // layout.ep if model_cfg.moe else 1
+    read = _zero0_parts if stage == 0 else _zero12_parts
+    # per lane: dense parameters (tp shards, local names); experts by global name
+    lane_parts, experts, adam_step, template = read(ckpt_dir, lanes, layout, model_cfg, num_local, keep)
 
-    # per lane: dense parameters (tp shards, local names); per ep position: experts (global names)
-    lane_parts: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in range(layout.tp)]
-    experts: dict[str, dict[str, torch.Tensor]] = {}
+    weights, exp_avg, exp_avg_sq = {}, {}, {}
+    for name in lane_parts[0]:
+        split = tp_partition(name) if layout.tp > 1 else None
+        for out, key in ((weights, "fp32"), (exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")):
+            parts = [lane[name][key] for lane in lane_parts]
+            out[name] = parts[0] if split is None else tp_unshard(parts, *split)
+    for name, values in experts.items():
+        weights[name], exp_avg[name], exp_avg_sq[name] = values["fp32"], values["exp_avg"], values["exp_avg_sq"]
+    _check_against_config(weights, model_cfg, ckpt_dir, keep)
+    return FullState(weights, exp_avg, exp_avg_sq, adam_step, int(marker["step"]), cfg, layout,
+                     lr_scheduler=lanes[0].get("lr_scheduler"), global_steps=int(lanes[0].get("global_steps", marker["step"])),
+                     optimizer_template=template)
+
+
+Parts = dict[str, dict[str, torch.Tensor]]
+
+
+def _zero12_parts(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg, num_local: int,
+                  keep: Callable[[str], bool] | None) -> tuple[list[Parts], Parts, dict[str, int], dict]:
+    """ZeRO 1/2: every rank's file holds its flat partition of every optimizer group."""
+    files = {r: _zero_file(ckpt_dir, r // layout.tp, r % layout.tp) for r in range(layout.world_size)}
+    shards = {r: _load(f)["optimizer_state_dict"] for r, f in files.items()}
+    lane_parts: list[Parts] = [{} for _ in range(layout.tp)]
+    experts: Parts = {}
     adam_step: dict[str, int] = {}
     groups0 = shards[0]["base_optimizer_state"]["param_groups"]
     for g, group in enumerate(groups0):
@@ -183,16 +204,8 @@ def read_full_state(ckpt_dir: str | os.PathLike, keep: Callable[[str], bool] | N
                 raise CheckpointError(f"{ckpt_dir}: optimizer group {g} has {pad} values after its parameters; "
                                       f"the shards do not belong together")
 
-    weights, exp_avg, exp_avg_sq = {}, {}, {}
-    for name in lane_parts[0]:
-        split = tp_partition(name) if layout.tp > 1 else None
-        for out, key in ((weights, "fp32"), (exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")):
-            parts = [lane[name][key] for lane in lane_parts]
-            out[name] = parts[0] if split is None else tp_unshard(parts, *split)
-    for name, values in experts.items():
-        weights[name], exp_avg[name], exp_avg_sq[name] = values["fp32"], values["exp_avg"], values["exp_avg_sq"]
-    _check_against_config(weights, model_cfg, ckpt_dir, keep)
     base = shards[0]["base_optimizer_state"]
+
     def is_partition(v) -> bool:  # a per-entry state tensor (Adam's moments), laid out like the partition
         return torch.is_tensor(v) and v.dim() == 1
 
@@ -200,9 +213,73 @@ def read_full_state(ckpt_dir: str | os.PathLike, keep: Callable[[str], bool] | N
     template = {"param_groups": [{k: v for k, v in grp.items() if k != "params"} for grp in base["param_groups"]],
                 "state": [{k: v for k, v in base["state"][g].items() if not is_partition(v)} for g in groups],
                 "partition_keys": [[k for k, v in base["state"][g].items() if is_partition(v)] for g in groups]}
-    return FullState(weights, exp_avg, exp_avg_sq, adam_step, int(marker["step"]), cfg, layout,
-                     lr_scheduler=lanes[0].get("lr_scheduler"), global_steps=int(lanes[0].get("global_steps", marker["step"])),
-                     optimizer_template=template)
+    return lane_parts, experts, adam_step, template
+
+
+def _zero0_parts(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg, num_local: int,
+                 keep: Callable[[str], bool] | None) -> tuple[list[Parts], Parts, dict[str, int], None]:
+    """ZeRO 0: DeepSpeed writes one whole (unpartitioned) optimizer state per expert-parallel rank and
+    tp lane, ``expp_rank_E_mp_rank_TT_optim_states.pt``: torch's state_dict numbering the parameters
+    in the order of our optimizer groups (engine.param_groups, rebuilt here on the meta device); the
+    fp32 master is the module itself (fp32 runs: mp_rank_TT / layer_L_expert_X files) or the
+    optimizer's ``fp32_groups`` (bf16 runs). Dense parameters come from ep rank 0, experts from tp lane 0."""
+    from limoe_ds.engine import param_groups
+    from limoe_ds.model import build_model
+    lane_parts: list[Parts] = [{} for _ in range(layout.tp)]
+    experts: Parts = {}
+    adam_step: dict[str, int] = {}
+    expert_files: dict[Path, dict] = {}
+    for e in range(layout.ep):
+        model = build_model(model_cfg, device="meta", ep_size=layout.ep, ep_rank=e)
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for group in param_groups(model) for p in group["params"]]
+        heads = [n.partition(EXPERT_PREFIX)[0] for n, _ in model.named_parameters() if EXPERT_PREFIX in n]
+        moe_layer = {h: i for i, h in enumerate(dict.fromkeys(heads))}
+        for t in range(layout.tp):
+            path = ckpt_dir / f"expp_rank_{e}_mp_rank_{t:02d}_optim_states.pt"
+            saved = _load(path).get("optimizer") or {}
+            bf16 = "fp32_groups" in saved
+            opt = saved.get("optimizer_state_dict", {}) if bf16 else saved
+            numbered = [i for group in opt.get("param_groups", []) for i in group["params"]]
+            if numbered != list(range(len(order))):
+                raise CheckpointError(f"{path}: its optimizer holds {len(numbered)} parameters, the checkpoint's "
+                                      f"model config has {len(order)}; the file is from another run or optimizer")
+            master = [p for group in saved["fp32_groups"] for p in group] if bf16 else None
+            for i, name in enumerate(order):
+                expert = EXPERT_PREFIX in name
+                gname = _global_expert_name(name, e, num_local)
+                if (expert and t != 0) or (not expert and e != 0) or (keep is not None and not keep(gname)):
+                    continue
+                state = opt["state"].get(i)
+                if state is None:
+                    raise CheckpointError(f"{path}: no Adam state for parameter {i} ({gname}); the run saved before "
+                                          f"its first optimizer step, or the file is damaged")
+                fp32 = master[i] if bf16 else _zero0_module_weight(ckpt_dir, lanes[t], gname, t, moe_layer, expert_files)
+                values = {"fp32": fp32.float().clone(), "exp_avg": state["exp_avg"].float().clone(),
+                          "exp_avg_sq": state["exp_avg_sq"].float().clone()}
+                adam_step[gname] = int(state["step"])
+                if expert:
+                    experts[gname] = values
+                else:
+                    lane_parts[t][name] = values
+    return lane_parts, experts, adam_step, None
+
+
+def _zero0_module_weight(ckpt_dir: Path, lane: dict, gname: str, t: int, moe_layer: dict[str, int],
+                         cache: dict[Path, dict]) -> torch.Tensor:
+    """An fp32 ZeRO-0 run's weight as saved with the module: dense ones in mp_rank_TT, each expert in
+    layer_L_expert_X_mp_rank_TT.pt (L numbers the MoE layers in model order, X is the global index)."""
+    if EXPERT_PREFIX not in gname:
+        if gname not in lane["module"]:
+            raise CheckpointError(f"{ckpt_dir}/mp_rank_{t:02d}_model_states.pt has no {gname}")
+        return lane["module"][gname]
+    head, _, tail = gname.partition(EXPERT_PREFIX)
+    path = ckpt_dir / f"layer_{moe_layer[head]}_expert_{int(tail.partition('.')[0])}_mp_rank_{t:02d}_model_states.pt"
+    if path not in cache:
+        cache[path] = _load(path)
+    if gname not in cache[path]:
+        raise CheckpointError(f"{path} has no {gname}; the file is from another run")
+    return cache[path][gname]
 
 
 def _partition(shard: dict[str, Any], g: int, key: str, path: Path) -> torch.Tensor:
@@ -280,6 +357,9 @@ def check_reshard(src: Path, out: Path, *, tp: int, ep: int, world: int) -> dict
         marker = checkpoint.read_marker(src, "checkpoint")
     except ValueError as e:
         raise CheckpointError(str(e)) from None
+    if marker["config"].get("zero_optimization", {}).get("stage", 0) == 0:
+        raise CheckpointError(f"{src}: ZeRO stage 0; reshard fills the target through ZeRO 1/2's partitions; "
+                              f"export works for it (tools/convert_checkpoint.py export)")
     if out.exists():
         raise CheckpointError(f"{out} exists; choose another output directory")
     try:

@@ -263,6 +263,42 @@ def test_reshard_to_another_data_parallel_size_continues_at_the_next_epoch(ep2_r
     assert sorted(_losses(run)) == [5, 6]
 
 
+@pytest.mark.parametrize("name, extra, ranks", [
+    ("ep2_fp32", [], 2),
+    ("ep2_bf16", ["ds.bf16.enabled=true"], 2),
+    ("tp2_fp32", ["parallel.tensor_parallel_size=2", "parallel.expert_parallel_size=1", "ds.train_batch_size=64"], 2),
+])
+def test_zero0_run_exports_its_master_weights_and_moments(tmp_path, capsys, name, extra, ranks):
+    """ZeRO 0 keeps whole optimizer states per expert-parallel rank and tp lane (no partitions):
+    the export holds the fp32 master, which IS the module in an fp32 run (equal to the weights the
+    evaluation consolidates) and rounds exactly to it in a bf16 run; Adam's moments are there for
+    every parameter with the run's step count. Reshard refuses ZeRO 0 with a one-line error."""
+    from limoe_ds import checkpoint, load_pretrained
+    from limoe_ds.convert import read_full_state
+    proc = _launch(tmp_path / "run", 4, ["ds.zero_optimization.stage=0", "ds.gradient_clipping=0", "eval.zero_shot=[]",
+                                         "eval.max_batches=0", *extra], ranks=ranks)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "step00000004"
+    state = read_full_state(ckpt)
+    module = checkpoint.consolidated_model_state(ckpt)
+    assert state.weights.keys() == module.keys()
+    for k, w in state.weights.items():
+        assert w.dtype == torch.float32 and w.shape == module[k].shape == state.exp_avg[k].shape, k
+        assert torch.equal(w.to(module[k].dtype), module[k]), k
+        assert state.exp_avg_sq[k].min() >= 0 and state.exp_avg_sq[k].abs().sum() > 0, k
+    if "bf16" in name:
+        assert any(not torch.equal(w, module[k].float()) for k, w in state.weights.items())  # a real master copy
+    else:
+        assert set(state.adam_step.values()) == {4}
+    assert convert_tool.main(["export", str(ckpt), str(tmp_path / "export")]) == 0
+    loaded = load_pretrained(tmp_path / "export").model.state_dict()
+    assert all(torch.equal(loaded[n], w) for n, w in state.weights.items())
+    capsys.readouterr()
+    assert convert_tool.main(["reshard", str(ckpt), str(tmp_path / "r"), "--ep", "1", "--world", "2"]) == 2
+    assert "ZeRO stage 0" in capsys.readouterr().err
+
+
 def test_bf16_run_exports_the_fp32_master_and_reshards_it(tmp_path):
     """A bf16 run (DeepSpeed names its shards bf16_zero_pp_rank_*): export holds the fp32 master
     weights, not the bf16 module copies (they round to the module's values exactly, and differ

@@ -6,12 +6,12 @@
     python tools/convert_checkpoint.py reshard runs/b16/checkpoints/step00100000 runs/b16-ep4/checkpoints \
         --tp 1 --ep 4 --world 32
 
-export: a ZeRO 1/2 checkpoint of any expert- and tensor-parallel size -> a directory with
+export: a ZeRO 0/1/2 checkpoint of any expert- and tensor-parallel size -> a directory with
 model.safetensors (the fp32 optimizer master weights, single-device names: every expert, every
 head), config.json (the model config), tokenizer.json and limoe_export.json (provenance). Load it
 with ``limoe_ds.load_pretrained(path)``. The directory appears only when complete.
 
-reshard: a checkpoint -> a checkpoint for another layout (tensor-parallel size, expert-parallel
+reshard: a ZeRO 1/2 checkpoint -> a checkpoint for another layout (tensor-parallel size, expert-parallel
 size, world size), with the fp32 master weights, Adam's moments per parameter and per expert
 (re-partitioned by DeepSpeed's own ZeRO code at the new layout), the LR schedule and the step. When
 the data-parallel size is unchanged each rank's data position and RNG state carry over (training
