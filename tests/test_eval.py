@@ -178,6 +178,16 @@ def test_benchmark_readers_index_what_the_formats_say(bench):
     assert shares == [[0, 1], [3, 4]]
 
 
+def test_benchmark_paths_may_contain_commas(bench, tmp_path):
+    """--data splits options only at a comma followed by KEY=: '/data/val,2024' is a path."""
+    import shutil
+    from limoe_ds.data.benchmarks import load_benchmark
+    tree = shutil.copytree(bench["tree"], tmp_path / "val,2024")
+    names = shutil.copy(bench["classnames"], tmp_path / "names,v2.txt")
+    classes = load_benchmark(f"imagenet={tree},classnames={names},templates={bench['templates']},name=in,1k")
+    assert classes.name == "in,1k" and len(classes.files) == 7 and classes.root == str(tree)
+
+
 def _bad_specs(b: dict, tmp: Path) -> list[tuple[str, str]]:
     (tmp / "two_names.txt").write_text("tench\ngoldfish\n")
     (tmp / "bad_templates.txt").write_text("a photo of a {}.\nno slot here\n")

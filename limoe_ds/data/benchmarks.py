@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import runpy
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,8 +56,9 @@ class DataSpec:
 
 
 def parse_data_spec(text: str) -> DataSpec:
-    """'coco=/x.json,split=test' -> DataSpec('coco', '/x.json', {'split': 'test'})."""
-    head, *rest = text.split(",")
+    """'coco=/x.json,split=test' -> DataSpec('coco', '/x.json', {'split': 'test'}). Options start at a
+    comma followed by ``word=``; any other comma belongs to the path or value ('/data/a,b/val')."""
+    head, *rest = re.split(r",(?=[A-Za-z_]+=)", text)
     kind, sep, path = head.partition("=")
     if not sep or not path:
         raise DataError(f"--data {text!r}: {SYNTAX}")
