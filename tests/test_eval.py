@@ -301,6 +301,42 @@ def test_benchmarks_on_two_ranks_equal_one_rank_and_a_slow_reference(bench):
         assert ret[f"t2i/R@{k}"] == pytest.approx(sum(r < k for r in t2i_ranks) / 9), k
 
 
+def test_one_walk_serves_both_routings_like_two_separate_passes(bench, monkeypatch):
+    """evaluate() forwards every batch under both capacity modes in one walk over the data: each
+    benchmark image is decoded once, and every number equals that of a separate pass per mode (the
+    capacity factor is lowered to 0.5 so that the training-capacity routing drops tokens and differs)."""
+    from limoe_ds.data import DataConfig, Tokenizer, benchmarks, build_eval_loader
+    from limoe_ds.eval.run import capacity, caption_retrieval, embed_pairs, evaluate, zero_shot
+    from limoe_ds.model import build_model
+    tok = Tokenizer.from_file(str(MINI / "tokenizer.json"))
+    model = build_model("tiny", seed=3).eval()
+    model.cfg.moe.capacity_factor = 0.5
+    classes, coco = (benchmarks.load_benchmark(s) for s in _specs(bench))
+
+    def val():
+        return build_eval_loader(DataConfig(val=str(MINI / "val"), num_workers=0), image_size=32, tokenizer=tok,
+                                 text_len=16, batch_size=100, dp_rank=0, dp_size=1)
+
+    decoded = []
+    real_load = benchmarks.load_image
+    monkeypatch.setattr(benchmarks, "load_image", lambda path, *a: decoded.append(path) or real_load(path, *a))
+    got = evaluate(model, val_loader=val(), zero_shot_sets=[classes], retrieval_sets=[coco], tokenizer=tok,
+                   max_batches=2)
+    assert sorted(decoded) == sorted([p for p, _ in classes.files] + coco.images)  # each image once
+    want = {}
+    for mode, cf in (("dropless", None), ("train_cf", 0.5)):
+        with capacity(model, cf):
+            img, txt, loss, pairs = embed_pairs(model, val(), max_batches=2)
+            want[f"{mode}/val/contrastive"], want[f"{mode}/val/pairs"] = loss, pairs
+            want.update({f"{mode}/retrieval/{k}": v for k, v in metrics.retrieval_metrics(img, txt).items()})
+            want.update({f"{mode}/zeroshot/imagenet/{k}": v for k, v in
+                         zero_shot(model, classes, tok, dp_rank=0, dp_size=1).items()})
+            want.update({f"{mode}/retrieval/coco/{k}": v for k, v in
+                         caption_retrieval(model, coco, tok, dp_rank=0, dp_size=1).items()})
+    assert got == want and list(got) == list(want)
+    assert got["dropless/val/contrastive"] != got["train_cf/val/contrastive"]
+
+
 # ---- 2 ranks (expert-parallel 2, DeepSpeed engine) vs 1 rank, dropless -----------------------------
 def _eval_worker(rank, world):
     from limoe_ds.data import DataConfig, Tokenizer, build_eval_loader

@@ -5,6 +5,8 @@ depends on what else is in the batch, so that number is reported beside, not ins
 Expert-parallel ranks must run the same number of forward passes (the all-to-all), and data-
 parallel ranks may hold different numbers of evaluation batches, so every pass walks the data in
 lockstep (``lockstep``): a rank that has run out forwards a dummy batch whose outputs are dropped.
+Both routings come from ONE walk over the data: every batch is decoded once and forwarded once per
+mode (``modes``), so a benchmark's images are read once, not twice.
 Legend: N images, M captions, K embedding width, B batch, I image patches.
 """
 
@@ -82,6 +84,21 @@ def capacity(model, capacity_factor: float | None):
         moe.eval_capacity_factor = old
 
 
+Modes = dict[str, float | None] | None  # mode name -> capacity factor (None: dropless)
+
+
+def _runs(model, modes) -> list[tuple[str, Callable]]:
+    """[(mode, context)] for each routing mode (capacity factor; None = dropless); ``modes=None``:
+    one pass under the model's current setting, keyed ''."""
+    if modes is None:
+        return [("", contextlib.nullcontext)]
+    return [(mode, functools.partial(capacity, model, cf)) for mode, cf in modes.items()]
+
+
+def _result(results: dict, modes):
+    return results[""] if modes is None else results
+
+
 def _device(model):
     return next(model.parameters()).device
 
@@ -156,36 +173,46 @@ def sum_routing_over_ranks(totals: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 @torch.no_grad()
-def embed_pairs(model, loader, *, max_batches: int = 0,
-                record: RoutingRecord | None = None) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+def embed_pairs(model, loader, *, max_batches: int = 0, record: RoutingRecord | None = None,
+                modes: Modes = None):
     """All ranks' validation pairs -> (image_emb, text_emb) in rank order, plus the mean in-batch
-    contrastive loss over all pairs and the number of pairs. ``record``: see RoutingRecord."""
+    contrastive loss over all pairs and the number of pairs; with ``modes``, {mode: that tuple}
+    from one walk over the loader. ``record`` (see RoutingRecord) is filled by the first mode."""
     device = _device(model)
-    imgs, txts, loss_sum = [], [], torch.zeros(2, dtype=torch.float64, device=device)
+    runs = _runs(model, modes)
+    imgs = {m: [] for m, _ in runs}
+    txts = {m: [] for m, _ in runs}
+    loss_sum = {m: torch.zeros(2, dtype=torch.float64, device=device) for m, _ in runs}
     with expert_choices(model, enabled=record is not None and record.sample_images > 0) as experts:
         for n, (batch, real) in enumerate(lockstep(loader, device, lambda: _dummy_pair(model))):
             if max_batches and n >= max_batches:
                 break  # every rank reaches the same n: lockstep
-            out = model(batch["images"].to(device), batch["tokens"].to(device))
-            if record is not None:
-                record.add(out, real)
-                if real and experts and record.images_BCHW is None:
-                    record.take_sample(batch["images"], experts, model.cfg.num_patches)
-            if real:
-                B = out.image_emb.shape[0]
-                imgs.append(out.image_emb.float())
-                txts.append(out.text_emb.float())
-                loss_sum += torch.tensor([contrastive_loss(out.image_emb, out.text_emb, out.logit_scale).item() * B, B],
-                                         dtype=torch.float64, device=device)
+            images, tokens = batch["images"].to(device), batch["tokens"].to(device)
+            for m, under in runs:
+                with under():
+                    out = model(images, tokens)
+                if record is not None and m == runs[0][0]:  # before another mode's pass moves the hooks
+                    record.add(out, real)
+                    if real and experts and record.images_BCHW is None:
+                        record.take_sample(batch["images"], experts, model.cfg.num_patches)
+                if real:
+                    B = out.image_emb.shape[0]
+                    imgs[m].append(out.image_emb.float())
+                    txts[m].append(out.text_emb.float())
+                    loss = contrastive_loss(out.image_emb, out.text_emb, out.logit_scale).item()
+                    loss_sum[m] += torch.tensor([loss * B, B], dtype=torch.float64, device=device)
     if record is not None:
         record.totals = sum_routing_over_ranks(record.totals)
-    if _dist():
-        dist.all_reduce(loss_sum, group=_group())
     K = model.cfg.embed_dim
-    img = gather_rows(torch.cat(imgs) if imgs else torch.zeros(0, K, device=device))
-    txt = gather_rows(torch.cat(txts) if txts else torch.zeros(0, K, device=device))
-    pairs = int(loss_sum[1].item())
-    return img, txt, (loss_sum[0] / loss_sum[1]).item() if pairs else math.nan, pairs
+    results = {}
+    for m, _ in runs:
+        if _dist():
+            dist.all_reduce(loss_sum[m], group=_group())
+        img = gather_rows(torch.cat(imgs[m]) if imgs[m] else torch.zeros(0, K, device=device))
+        txt = gather_rows(torch.cat(txts[m]) if txts[m] else torch.zeros(0, K, device=device))
+        pairs = int(loss_sum[m][1].item())
+        results[m] = img, txt, (loss_sum[m][0] / loss_sum[m][1]).item() if pairs else math.nan, pairs
+    return _result(results, modes)
 
 
 @torch.no_grad()
@@ -228,86 +255,114 @@ def _skipped(counts: dict[str, int]) -> int:
 
 
 @torch.no_grad()
-def zero_shot(model, zs, tokenizer, *, dp_rank: int, dp_size: int, batch_size: int = 500) -> dict[str, float]:
+def zero_shot(model, zs, tokenizer, *, dp_rank: int, dp_size: int, batch_size: int = 500,
+              modes: Modes = None) -> dict:
     """Top-1/top-5 accuracy over the set and the images that could not be read (skipped, counted);
     where the set names the classes seen in training, top-1 on its seen and unseen classes apart.
-    ``zs``: a ZeroShotSet or a benchmarks.ClassFolderSet (no seen/unseen split)."""
+    ``zs``: a ZeroShotSet or a benchmarks.ClassFolderSet (no seen/unseen split). With ``modes``,
+    {mode: metrics}, each image decoded once."""
     device = _device(model)
+    runs = _runs(model, modes)
     prompts = zs.prompts()  # [C][T]
     C, T = len(prompts), len(prompts[0])
-    classifier_CK = metrics.zero_shot_classifier(
-        embed_texts(model, tokenizer, [p for ps in prompts for p in ps]).view(C, T, -1))
+    classifier_CK = {}
+    for m, under in runs:
+        with under():
+            classifier_CK[m] = metrics.zero_shot_classifier(
+                embed_texts(model, tokenizer, [p for ps in prompts for p in ps]).view(C, T, -1))
     c = model.cfg
     split = bool(zs.seen_classes or zs.unseen_classes)
     # top1, top5, n, seen top1, seen n, unseen top1 (C-way), unseen top1 among the unseen names only, skipped
-    counts = torch.zeros(8, dtype=torch.float64, device=device)
+    counts = {m: torch.zeros(8, dtype=torch.float64, device=device) for m, _ in runs}
     seen = torch.tensor(sorted(zs.seen_classes), dtype=torch.long, device=device)
     unseen = torch.tensor(sorted(zs.unseen_classes), dtype=torch.long, device=device)
     remap = torch.full((C,), 0, dtype=torch.long, device=device)
     remap[unseen] = torch.arange(len(unseen), device=device)
     batches = zs.iter_batches(image_size=c.image_size, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size)
     for (images, labels), real in lockstep(batches, device, lambda: _dummy_labelled_image(model)):
-        image_emb = model.encode_image(images.to(device))
-        labels = labels.to(device)
-        correct = metrics.topk_correct(image_emb, classifier_CK, labels)
-        if not real:
-            continue
+        images, labels = images.to(device), labels.to(device)
         is_seen = torch.isin(labels, seen)
-        top1 = correct[1].double()
-        among_unseen = (metrics.topk_correct(image_emb, classifier_CK[unseen], remap[labels], ks=(1,))[1] & ~is_seen
-                        if len(unseen) else torch.zeros_like(is_seen))
         n = torch.tensor(float(len(labels)), dtype=torch.float64, device=device)
-        counts[:7] += torch.stack([top1.sum(), correct[5].double().sum(), n, (top1 * is_seen).sum(),
-                                   is_seen.double().sum(), (top1 * ~is_seen).sum(), among_unseen.double().sum()])
-    counts[7] = _skipped(zs.skip_counts)
-    if _dist():
-        dist.all_reduce(counts, group=_group())
-    top1, top5, n, seen_top1, n_seen, unseen_top1, among, skipped = counts.tolist()
-    out = {"top1": top1 / n if n else math.nan, "top5": top5 / n if n else math.nan, "images": int(n),
-           "skipped_images": int(skipped), "chance_top1": 1.0 / C}
-    if split:
-        n_unseen = n - n_seen
-        out.update({"seen_top1": seen_top1 / n_seen if n_seen else math.nan,
-                    "unseen_top1": unseen_top1 / n_unseen if n_unseen else math.nan,
-                    "unseen_top1_among_unseen": among / n_unseen if n_unseen else math.nan,
-                    "chance_among_unseen": 1.0 / len(unseen) if len(unseen) else math.nan})
-    return out
+        for m, under in runs:
+            with under():
+                image_emb = model.encode_image(images)
+            if not real:
+                continue
+            correct = metrics.topk_correct(image_emb, classifier_CK[m], labels)
+            top1 = correct[1].double()
+            among_unseen = (metrics.topk_correct(image_emb, classifier_CK[m][unseen], remap[labels], ks=(1,))[1]
+                            & ~is_seen if len(unseen) else torch.zeros_like(is_seen))
+            counts[m][:7] += torch.stack([top1.sum(), correct[5].double().sum(), n, (top1 * is_seen).sum(),
+                                          is_seen.double().sum(), (top1 * ~is_seen).sum(),
+                                          among_unseen.double().sum()])
+    results = {}
+    for m, _ in runs:
+        counts[m][7] = _skipped(zs.skip_counts)
+        if _dist():
+            dist.all_reduce(counts[m], group=_group())
+        top1, top5, n, seen_top1, n_seen, unseen_top1, among, skipped = counts[m].tolist()
+        out = {"top1": top1 / n if n else math.nan, "top5": top5 / n if n else math.nan, "images": int(n),
+               "skipped_images": int(skipped), "chance_top1": 1.0 / C}
+        if split:
+            n_unseen = n - n_seen
+            out.update({"seen_top1": seen_top1 / n_seen if n_seen else math.nan,
+                        "unseen_top1": unseen_top1 / n_unseen if n_unseen else math.nan,
+                        "unseen_top1_among_unseen": among / n_unseen if n_unseen else math.nan,
+                        "chance_among_unseen": 1.0 / len(unseen) if len(unseen) else math.nan})
+        results[m] = out
+    return _result(results, modes)
 
 
 @torch.no_grad()
-def embed_images(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, ids) batches of this rank -> every rank's (image_emb [N, K], ids [N]) in rank order."""
+def embed_images(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], modes: Modes = None):
+    """(images, ids) batches of this rank -> every rank's (image_emb [N, K], ids [N]) in rank order;
+    with ``modes``, {mode: that pair}, each batch read once."""
     device = _device(model)
-    embs, ids = [], []
+    runs = _runs(model, modes)
+    embs, ids = {m: [] for m, _ in runs}, []
     for (images, idx), real in lockstep(batches, device, lambda: _dummy_labelled_image(model)):
-        emb = model.encode_image(images.to(device)).float()
+        images = images.to(device)
+        for m, under in runs:
+            with under():
+                emb = model.encode_image(images).float()
+            if real:
+                embs[m].append(emb)
         if real:
-            embs.append(emb)
             ids.append(idx.to(device))
     K = model.cfg.embed_dim
-    return (gather_rows(torch.cat(embs) if embs else torch.zeros(0, K, device=device)),
-            gather_rows(torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long, device=device)))
+    ids_N = gather_rows(torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long, device=device))
+    return _result({m: (gather_rows(torch.cat(embs[m]) if embs[m] else torch.zeros(0, K, device=device)), ids_N)
+                    for m, _ in runs}, modes)
 
 
 @torch.no_grad()
-def caption_retrieval(model, cs, tokenizer, *, dp_rank: int, dp_size: int, batch_size: int = 256) -> dict[str, float]:
+def caption_retrieval(model, cs, tokenizer, *, dp_rank: int, dp_size: int, batch_size: int = 256,
+                      modes: Modes = None) -> dict:
     """Image->text and text->image Recall@1/5/10 on a ``benchmarks.CaptionSet`` (several captions per
     image). Ranks embed disjoint parts of the images and of the captions; an image that could not be
-    read is skipped and counted, and its captions leave the text->image queries."""
+    read is skipped and counted, and its captions leave the text->image queries. With ``modes``,
+    {mode: metrics}, each image decoded once."""
     device = _device(model)
-    img_NK, image_id_N = embed_images(model, cs.iter_batches(image_size=model.cfg.image_size, batch_size=batch_size,
-                                                             dp_rank=dp_rank, dp_size=dp_size))
+    images = embed_images(model, cs.iter_batches(image_size=model.cfg.image_size, batch_size=batch_size,
+                                                 dp_rank=dp_rank, dp_size=dp_size), modes=modes)
+    images = {"": images} if modes is None else images
     skipped = torch.tensor([float(_skipped(cs.skip_counts))], dtype=torch.float64, device=device)
     if _dist():
         dist.all_reduce(skipped, group=_group())
-    txt_MK = embed_texts_split(model, tokenizer, cs.captions, dp_rank=dp_rank, dp_size=dp_size, batch_size=batch_size)
-    position = torch.full((len(cs.images),), -1, dtype=torch.long, device=device)
-    position[image_id_N] = torch.arange(len(image_id_N), device=device)
-    target_M = position[torch.tensor(cs.image_of_caption, dtype=torch.long, device=device)]
-    keep_M = target_M >= 0
-    out: dict[str, float] = metrics.retrieval_metrics(img_NK, txt_MK[keep_M], image_of_caption_M=target_M[keep_M])
-    return {**out, "images": len(image_id_N), "captions": int(keep_M.sum().item()),
-            "skipped_images": int(skipped.item())}
+    results = {}
+    for m, under in _runs(model, modes):
+        img_NK, image_id_N = images[m]
+        with under():
+            txt_MK = embed_texts_split(model, tokenizer, cs.captions, dp_rank=dp_rank, dp_size=dp_size,
+                                       batch_size=batch_size)
+        position = torch.full((len(cs.images),), -1, dtype=torch.long, device=device)
+        position[image_id_N] = torch.arange(len(image_id_N), device=device)
+        target_M = position[torch.tensor(cs.image_of_caption, dtype=torch.long, device=device)]
+        keep_M = target_M >= 0
+        out: dict[str, float] = metrics.retrieval_metrics(img_NK, txt_MK[keep_M], image_of_caption_M=target_M[keep_M])
+        results[m] = {**out, "images": len(image_id_N), "captions": int(keep_M.sum().item()),
+                      "skipped_images": int(skipped.item())}
+    return _result(results, modes)
 
 
 def evaluate(model, *, val_loader=None, zero_shot_sets=(), retrieval_sets=(), tokenizer=None, dp_rank: int = 0,
@@ -315,28 +370,28 @@ def evaluate(model, *, val_loader=None, zero_shot_sets=(), retrieval_sets=(), to
     """All metrics, dropless and at the training capacity factor, keyed 'dropless/...' / 'train_cf/...'.
 
     ``zero_shot_sets``: ZeroShotSet / ClassFolderSet (keys .../zeroshot/NAME/...); ``retrieval_sets``:
-    CaptionSet (keys .../retrieval/NAME/...); ``record``: filled by the dropless validation pass."""
+    CaptionSet (keys .../retrieval/NAME/...); ``record``: filled by the dropless validation pass.
+    One walk over each dataset serves both modes."""
     was_training = model.training
     model.eval()
     modes = {"dropless": None}
     if model.cfg.moe is not None:
         modes["train_cf"] = model.cfg.moe.capacity_factor
-    out: dict[str, float] = {}
+    out: dict[str, dict[str, float]] = {mode: {} for mode in modes}
     try:
-        for mode, cf in modes.items():
-            with capacity(model, cf):
-                if val_loader is not None:
-                    img, txt, loss, pairs = embed_pairs(model, val_loader, max_batches=max_batches,
-                                                        record=record if mode == "dropless" else None)
-                    out[f"{mode}/val/contrastive"] = loss
-                    out[f"{mode}/val/pairs"] = pairs
-                    out.update({f"{mode}/retrieval/{k}": v for k, v in metrics.retrieval_metrics(img, txt).items()})
-                for zs in zero_shot_sets:
-                    res = zero_shot(model, zs, tokenizer, dp_rank=dp_rank, dp_size=dp_size)
-                    out.update({f"{mode}/zeroshot/{zs.name}/{k}": v for k, v in res.items()})
-                for cs in retrieval_sets:
-                    res = caption_retrieval(model, cs, tokenizer, dp_rank=dp_rank, dp_size=dp_size)
-                    out.update({f"{mode}/retrieval/{cs.name}/{k}": v for k, v in res.items()})
+        if val_loader is not None:
+            pairs_by_mode = embed_pairs(model, val_loader, max_batches=max_batches, record=record, modes=modes)
+            for mode, (img, txt, loss, pairs) in pairs_by_mode.items():
+                out[mode][f"{mode}/val/contrastive"] = loss
+                out[mode][f"{mode}/val/pairs"] = pairs
+                out[mode].update({f"{mode}/retrieval/{k}": v for k, v in metrics.retrieval_metrics(img, txt).items()})
+        for zs in zero_shot_sets:
+            for mode, res in zero_shot(model, zs, tokenizer, dp_rank=dp_rank, dp_size=dp_size, modes=modes).items():
+                out[mode].update({f"{mode}/zeroshot/{zs.name}/{k}": v for k, v in res.items()})
+        for cs in retrieval_sets:
+            for mode, res in caption_retrieval(model, cs, tokenizer, dp_rank=dp_rank, dp_size=dp_size,
+                                               modes=modes).items():
+                out[mode].update({f"{mode}/retrieval/{cs.name}/{k}": v for k, v in res.items()})
     finally:
         model.train(was_training)
-    return out
+    return {k: v for mode in modes for k, v in out[mode].items()}
