@@ -2,7 +2,7 @@
 
 DeepSpeed's ``zero_to_fp32`` rejects MoE checkpoints (it does not know the per-expert files and
 the expert optimizer groups). Here, for ZeRO 0/1/2 checkpoints of any tensor- and expert-parallel
-size (ZeRO 0: ``_zero0_parts``; ZeRO 1/2:)
+size (ZeRO 0, whose optimizer states are whole: ``_zero0_parts``). For ZeRO 1/2:
 
 - each rank's ZeRO file holds, per optimizer group, its flat partition of the fp32 master weights
   and of Adam's two moments; the flat group tensor is the partitions of the group's ranks in order
@@ -88,12 +88,22 @@ def _zero_file(ckpt_dir: Path, dp_rank: int, tp_rank: int) -> Path:
     return bf16 if bf16.is_file() else ckpt_dir / name
 
 
-def _global_expert_name(name: str, ep_rank: int, num_local: int) -> str:
+def _split_expert(name: str) -> tuple[str, int, str] | None:
+    """'blocks.1.ffn.<EXPERT_PREFIX>3.fc1.weight' -> ('blocks.1.ffn.', 3, 'fc1.weight'); None for a
+    dense parameter."""
     head, sep, tail = name.partition(EXPERT_PREFIX)
     if not sep:
+        return None
+    index, _, rest = tail.partition(".")
+    return head, int(index), rest
+
+
+def _global_expert_name(name: str, ep_rank: int, num_local: int) -> str:
+    parts = _split_expert(name)
+    if parts is None:
         return name
-    local, _, rest = tail.partition(".")
-    return f"{head}{EXPERT_PREFIX}{ep_rank * num_local + int(local)}.{rest}"
+    head, local, rest = parts
+    return f"{head}{EXPERT_PREFIX}{ep_rank * num_local + local}.{rest}"
 
 
 class _Flat:
@@ -229,12 +239,13 @@ def _zero0_parts(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg, n
     experts: Parts = {}
     adam_step: dict[str, int] = {}
     expert_files: dict[Path, dict] = {}
+    # local names and their order are the same on every ep rank (experts numbered 0..num_local-1)
+    model = build_model(model_cfg, device="meta", ep_size=layout.ep, ep_rank=0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in param_groups(model) for p in group["params"]]
+    heads = [parts[0] for n in names.values() if (parts := _split_expert(n)) is not None]
+    moe_layer = {h: i for i, h in enumerate(dict.fromkeys(heads))}
     for e in range(layout.ep):
-        model = build_model(model_cfg, device="meta", ep_size=layout.ep, ep_rank=e)
-        names = {id(p): n for n, p in model.named_parameters()}
-        order = [names[id(p)] for group in param_groups(model) for p in group["params"]]
-        heads = [n.partition(EXPERT_PREFIX)[0] for n, _ in model.named_parameters() if EXPERT_PREFIX in n]
-        moe_layer = {h: i for i, h in enumerate(dict.fromkeys(heads))}
         for t in range(layout.tp):
             path = ckpt_dir / f"expp_rank_{e}_mp_rank_{t:02d}_optim_states.pt"
             saved = _load(path).get("optimizer") or {}
@@ -269,12 +280,13 @@ def _zero0_module_weight(ckpt_dir: Path, lane: dict, gname: str, t: int, moe_lay
                          cache: dict[Path, dict]) -> torch.Tensor:
     """An fp32 ZeRO-0 run's weight as saved with the module: dense ones in mp_rank_TT, each expert in
     layer_L_expert_X_mp_rank_TT.pt (L numbers the MoE layers in model order, X is the global index)."""
-    if EXPERT_PREFIX not in gname:
+    parts = _split_expert(gname)
+    if parts is None:
         if gname not in lane["module"]:
             raise CheckpointError(f"{ckpt_dir}/mp_rank_{t:02d}_model_states.pt has no {gname}")
         return lane["module"][gname]
-    head, _, tail = gname.partition(EXPERT_PREFIX)
-    path = ckpt_dir / f"layer_{moe_layer[head]}_expert_{int(tail.partition('.')[0])}_mp_rank_{t:02d}_model_states.pt"
+    head, expert, _ = parts
+    path = ckpt_dir / f"layer_{moe_layer[head]}_expert_{expert}_mp_rank_{t:02d}_model_states.pt"
     if path not in cache:
         cache[path] = _load(path)
     if gname not in cache[path]:
@@ -375,8 +387,8 @@ def experts_of(ep_rank: int, num_local: int) -> Callable[[str], bool]:
     lo = ep_rank * num_local
 
     def keep(name: str) -> bool:
-        _, sep, tail = name.partition(EXPERT_PREFIX)
-        return not sep or lo <= int(tail.partition(".")[0]) < lo + num_local
+        parts = _split_expert(name)
+        return parts is None or lo <= parts[1] < lo + num_local
     return keep
 
 

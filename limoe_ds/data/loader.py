@@ -163,19 +163,21 @@ class TrainLoader(_Loader):
             raise ValueError(f"data state: version {d.get('version')!r} != {STATE_VERSION}; cannot resume")
         if d.get("kind") == "epoch_start":
             return self._start_at_epochs(d)
-        for key, want in self._signature().items():
-            if d.get(key) != want:
-                raise ValueError(f"data state: {key} was {d.get(key)!r} when saved but is {want!r} now; "
-                                 f"resume with the same {key} (or start the data stream afresh)")
+        self._check_signature(d, self._signature())
         self._batches = int(d["batches"])
         self._states = [dict(s) if s else None for s in d["workers"]]
         self._counts = {**zero_counts(), **d["counts"]}
 
+    @staticmethod
+    def _check_signature(d: dict[str, Any], want: dict[str, Any]) -> None:
+        for key, value in want.items():
+            if d.get(key) != value:
+                raise ValueError(f"data state: {key} was {d.get(key)!r} when saved but is {value!r} now; "
+                                 f"resume with the same {key} (or start the data stream afresh)")
+
     def _start_at_epochs(self, d: dict[str, Any]) -> None:
-        for key in ("seed", "shards"):
-            if d.get(key) != self._signature()[key]:
-                raise ValueError(f"data state: {key} was {d.get(key)!r} when saved but is "
-                                 f"{self._signature()[key]!r} now; resume with the same {key}")
+        sig = self._signature()
+        self._check_signature(d, {key: sig[key] for key in ("seed", "shards")})
         start = [dataclasses.asdict(SourcePos(epoch=int(e))) for e in d["next_epochs"]]
         self._states = [{"draws": 0, "sources": [dict(p) for p in start]} for _ in range(self.logical_workers)]
         self._batches = 0
@@ -194,8 +196,9 @@ def epoch_start_state(states: list[dict[str, Any]], dp_rank: int) -> dict[str, A
     """A data position that any data-parallel layout can resume: from the saved loader states of
     EVERY data-parallel rank of a run, each source's first epoch that no reader had begun (the rest
     of the epoch in progress is skipped; nothing is read twice within an epoch's shuffle), and the
-    run's skip counts (on new data-parallel rank 0 only: the counts are summed over ranks). Used when a checkpoint is resharded to another data-parallel size,
-    where per-reader positions cannot carry over (each rank reads other shards and records)."""
+    run's skip counts (on new data-parallel rank 0 only: the counts are summed over ranks). Used
+    when a checkpoint is resharded to another data-parallel size, where per-reader positions cannot
+    carry over (each rank reads other shards and records)."""
     if not states or any(st.get("version") != STATE_VERSION or "workers" not in st for st in states):
         raise ValueError("epoch_start_state needs every data-parallel rank's saved loader state")
     first = states[0]
