@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from limoe_ds.config import config_from_dict
+from limoe_ds.config.model import config_from_dict
 from limoe_ds.model.limoe import LIMoEModel
 
 

@@ -9,7 +9,7 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-from limoe_ds.dist_env import free_port
+from limoe_ds.runtime.launch_env import free_port
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
@@ -17,7 +17,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     try:
-        from limoe_ds.engine import init_distributed
+        from limoe_ds.train.engine import init_distributed
         init_distributed()
         result = fn(rank, world, *args)
         torch.save({"ok": result}, os.path.join(out_dir, f"rank{rank}.pt"))

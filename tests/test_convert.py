@@ -51,8 +51,10 @@ def _inputs(cfg):
 
 def _engine_worker(rank, world, ckpt_dir: str):
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-    from limoe_ds import checkpoint, parallel, run_config
-    from limoe_ds.engine import build_engine
+    from limoe_ds import parallel
+    from limoe_ds.checkpoint import io as checkpoint
+    from limoe_ds.config import run as run_config
+    from limoe_ds.train.engine import build_engine
     from limoe_ds.eval.run import capacity
     from limoe_ds.model import build_model
     marker = checkpoint.read_marker(Path(ckpt_dir), "test")
@@ -86,7 +88,7 @@ def _engine_worker(rank, world, ckpt_dir: str):
 
 def test_export_load_pretrained_equals_engine_and_converter_equals_deepspeed(ep2_run, tmp_path):
     from limoe_ds import load_pretrained
-    from limoe_ds.convert import read_full_state
+    from limoe_ds.checkpoint.convert import read_full_state
     out = tmp_path / "export"
     assert convert_tool.main(["export", str(ep2_run), str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "limoe_export.json", "model.safetensors",
@@ -181,7 +183,7 @@ def test_reshard_ep2_to_1_to_2_and_to_tp2_keeps_adam_state_and_the_loss_curve(ep
     over): the fp32 weights and both Adam moments survive bit for bit, and resuming at either layout
     continues the uninterrupted run's loss curve (measured: identical; asserted to 1e-6 relative at
     ep=1, whose experts compute the same per-token math without the all-to-all, and exactly at ep=2)."""
-    from limoe_ds.convert import read_full_state
+    from limoe_ds.checkpoint.convert import read_full_state
     ep1, ep2 = tmp_path / "ep1", tmp_path / "ep2"
     assert convert_tool.main(["reshard", str(ep2_run), str(ep1), "--ep", "1", "--world", "2"]) == 0
     assert convert_tool.main(["reshard", str(ep1 / "step00000004"), str(ep2), "--ep", "2", "--world", "2"]) == 0
@@ -217,8 +219,9 @@ def test_reshard_ep2_to_1_to_2_and_to_tp2_keeps_adam_state_and_the_loss_curve(ep
 def test_a_resharding_rank_reads_only_the_dense_parameters_and_its_own_experts(ep2_run):
     """Reshard's memory: rank e of the target expert-parallel layout keeps the dense parameters and
     experts e*n .. e*n+n-1 (experts_of), with the same values as the whole state."""
-    from limoe_ds.convert import EXPERT_PREFIX, experts_of, read_full_state
-    from limoe_ds.run_config import model_config
+    from limoe_ds.checkpoint.convert import EXPERT_PREFIX, read_full_state
+    from limoe_ds.checkpoint.reshard import experts_of
+    from limoe_ds.config.run import model_config
     full = read_full_state(ep2_run)
     num_experts = model_config(full.config["limoe"]["model"]).moe.num_experts
     for ep, ep_rank in ((2, 1), (num_experts, 0)):
@@ -273,8 +276,9 @@ def test_zero0_run_exports_its_master_weights_and_moments(tmp_path, capsys, name
     the export holds the fp32 master, which IS the module in an fp32 run (equal to the weights the
     evaluation consolidates) and rounds exactly to it in a bf16 run; Adam's moments are there for
     every parameter with the run's step count. Reshard refuses ZeRO 0 with a one-line error."""
-    from limoe_ds import checkpoint, load_pretrained
-    from limoe_ds.convert import read_full_state
+    from limoe_ds import load_pretrained
+    from limoe_ds.checkpoint import io as checkpoint
+    from limoe_ds.checkpoint.convert import read_full_state
     proc = _launch(tmp_path / "run", 4, ["ds.zero_optimization.stage=0", "ds.gradient_clipping=0", "eval.zero_shot=[]",
                                          "eval.max_batches=0", *extra])
     out, _ = proc.communicate(timeout=600)
@@ -303,8 +307,9 @@ def test_bf16_run_exports_the_fp32_master_and_reshards_it(tmp_path):
     """A bf16 run (DeepSpeed names its shards bf16_zero_pp_rank_*): export holds the fp32 master
     weights, not the bf16 module copies (they round to the module's values exactly, and differ
     from them), and resharding keeps the master and both moments bit for bit."""
-    from limoe_ds import checkpoint, load_pretrained
-    from limoe_ds.convert import read_full_state
+    from limoe_ds import load_pretrained
+    from limoe_ds.checkpoint import io as checkpoint
+    from limoe_ds.checkpoint.convert import read_full_state
     proc = _launch(tmp_path / "run", 4, [*EP2_ZERO2, "ds.bf16.enabled=true"])
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from limoe_ds.config import MoEConfig
-from limoe_ds.moe import diagnostics
+from limoe_ds.config.model import MoEConfig
+from limoe_ds.moe import stats
 from limoe_ds.moe.routing import TOKEN_IMAGE, TOKEN_PAD, TOKEN_TEXT, route_top1
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,8 +27,8 @@ def test_success_rate_is_one_minus_drop_rate_and_shares_sum_to_one():
     types = torch.tensor([TOKEN_IMAGE] * 32 + [TOKEN_TEXT] * 20 + [TOKEN_PAD] * 8)
     total = {}
     for _ in range(2):  # accumulating two identical batches changes no ratio
-        diagnostics.accumulate(total, _stats(logits, types, capacity=8))
-    layer = diagnostics.summarize(total)["layer2"]
+        stats.accumulate(total, _stats(logits, types, capacity=8))
+    layer = stats.summarize(total)["layer2"]
     for m, n in (("image", 64), ("text", 40)):
         assert layer[m]["routed_tokens"] == n
         assert layer[m]["success_rate"] == pytest.approx(1 - layer[m]["dropped_tokens"] / n)
@@ -42,7 +42,7 @@ def test_success_rate_is_one_minus_drop_rate_and_shares_sum_to_one():
 def test_collapsed_router_is_reported_as_such():
     logits = torch.tensor([[9.0, 0, 0, 0]] * 24)  # every token prefers expert 0
     types = torch.tensor([TOKEN_IMAGE] * 12 + [TOKEN_TEXT] * 12)
-    layer = diagnostics.summarize(_stats(logits, types, capacity=8))["layer2"]
+    layer = stats.summarize(_stats(logits, types, capacity=8))["layer2"]
     assert layer["dead_experts"] == [1, 2, 3]
     assert layer["image"]["success_rate"] + layer["text"]["success_rate"] < 1.0  # only 8 of 24 kept
     assert layer["text"]["entropy_of_mean"] == pytest.approx(0.0, abs=1e-2)

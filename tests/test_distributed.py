@@ -80,7 +80,7 @@ def test_gathered_contrastive_equals_single_process_on_concatenated_batch():
 
 # ---- every layout through the DeepSpeed engine ----------------------------------------------------------
 def _model_cfg():
-    from limoe_ds.config import get_preset
+    from limoe_ds.config.model import get_preset
     cfg = get_preset("tiny")
     cfg.moe.capacity_factor = 1.0  # capacity-limited: drops happen, per routing pool, as in the reference
     return cfg
@@ -125,7 +125,7 @@ CASES = [(world, *lay) for world, lays in LAYOUTS.items() for lay in lays]
 
 def _layout_worker(rank, world, layouts):
     from deepspeed.utils import safe_get_full_grad
-    from limoe_ds.engine import build_engine
+    from limoe_ds.train.engine import build_engine
     from limoe_ds import parallel
     from limoe_ds.losses import gathered_contrastive_loss
     from limoe_ds.model import build_model
@@ -178,7 +178,7 @@ def _layout_worker(rank, world, layouts):
 
 def _reference(dp: int, clip: float):
     """One process holding the whole model; each data-parallel rank's micro-batch is its own routing pool."""
-    from limoe_ds.engine import weight_decay_split
+    from limoe_ds.train.engine import weight_decay_split
     from limoe_ds.losses import contrastive_loss
     from limoe_ds.model import build_model
     cfg = _model_cfg()
@@ -219,7 +219,7 @@ def references():
 
 def _local(full: torch.Tensor, name: str, tp: int, tp_rank: int) -> torch.Tensor:
     """This tp rank's part of a full reference tensor."""
-    from limoe_ds.parallel import tp_partition, tp_shard
+    from limoe_ds.parallel.tp_plan import tp_partition, tp_shard
     split = tp_partition(name) if tp > 1 else None
     return full if split is None else tp_shard(full, *split, tp, tp_rank)
 
@@ -255,7 +255,7 @@ def test_layout_equals_single_process(layout_results, references, world, tp, ep,
 @pytest.mark.parametrize("world,tp,ep,stage,clip", [c for c in CASES if c[1] > 1],
                          ids=[_name(*c) for c in CASES if c[1] > 1])
 def test_tensor_parallel_peers_route_identically_and_stay_in_sync(layout_results, world, tp, ep, stage, clip):
-    from limoe_ds.parallel import tp_partition
+    from limoe_ds.parallel.tp_plan import tp_partition
     results = layout_results[world]
     key = (tp, ep, stage, clip)
     for a, b in zip(results[0::tp], results[1::tp]):  # ranks 2d and 2d+1 are tp peers
@@ -298,7 +298,7 @@ def test_process_groups_and_initialisation(layout_results, world, tp, ep, stage,
         assert tp == 1 or run["groups"]["ep"] != run["groups"]["tp"] or ep == 1
         for name, p in run["init"].items():
             assert torch.equal(p, _local(full[name], name, tp, run["tp_rank"])), (rank, name)
-        from limoe_ds.parallel import tp_partition
+        from limoe_ds.parallel.tp_plan import tp_partition
         assert run["tagged"] == ({n: tp_partition(n) for n in full if tp_partition(n)} if tp > 1 else {})
 
 
@@ -307,7 +307,7 @@ def test_process_groups_and_initialisation(layout_results, world, tp, ep, stage,
 def test_memory_estimator_counts_what_each_rank_holds(layout_results, world, tp, ep, stage, clip):
     """tools/model_summary.py --layout: parameters per rank exactly; the fp32 master partition that
     ZeRO gives each rank (the optimizer state is 3x it) to within DeepSpeed's alignment padding."""
-    from limoe_ds.memory import estimate
+    from limoe_ds.parallel.memory import estimate
     est = estimate(_model_cfg(), tp=tp, ep=ep, dp=world // tp, zero_stage=stage, bf16=False)
     for run in (res[(tp, ep, stage, clip)] for res in layout_results[world]):
         assert run["numel"] == est.params_per_rank

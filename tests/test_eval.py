@@ -238,7 +238,7 @@ def _bench_worker(rank, world, specs):
     the ranks run different numbers of real batches (lockstep dummies), plus a recorded val pass."""
     from limoe_ds.data import DataConfig, Tokenizer, build_eval_loader
     from limoe_ds.data.benchmarks import load_benchmark
-    from limoe_ds.engine import build_engine
+    from limoe_ds.train.engine import build_engine
     from limoe_ds.eval.run import RoutingRecord, capacity, caption_retrieval, embed_pairs, zero_shot
     from limoe_ds.model import build_model
     tok = Tokenizer.from_file(str(MINI / "tokenizer.json"))
@@ -341,7 +341,7 @@ def test_one_walk_serves_both_routings_like_two_separate_passes(bench, monkeypat
 def _eval_worker(rank, world):
     from limoe_ds.data import DataConfig, Tokenizer, build_eval_loader
     from limoe_ds.data.zeroshot import load_zeroshot_set
-    from limoe_ds.engine import build_engine
+    from limoe_ds.train.engine import build_engine
     from limoe_ds.eval.run import evaluate
     from limoe_ds.model import build_model
     tok = Tokenizer.from_file(str(MINI / "tokenizer.json"))
@@ -372,9 +372,9 @@ def test_two_rank_dropless_evaluation_equals_one_rank():
 # ---- a fresh 4-step tiny run (evaluation at steps 2 and 4): its checkpoint and TensorBoard log ------
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from limoe_ds import run_config
-    from limoe_ds.engine import init_distributed
-    from limoe_ds.train import train
+    from limoe_ds.config import run as run_config
+    from limoe_ds.train.engine import init_distributed
+    from limoe_ds.train.trainer import train
     run_dir = tmp_path_factory.mktemp("tiny_run")
     raw = json.loads((ROOT / "ds_configs" / "tiny.json").read_text())
     raw = run_config.apply_overrides(raw, [

@@ -7,7 +7,6 @@ import hashlib
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 

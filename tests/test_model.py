@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from limoe_ds.config import MoEConfig, ModelConfig, config_from_dict, get_preset
+from limoe_ds.config.model import MoEConfig, ModelConfig, config_from_dict, get_preset
 from limoe_ds.losses import contrastive_loss
 from limoe_ds.model import build_model, param_counts
 

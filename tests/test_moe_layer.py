@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from limoe_ds.config import MoEConfig
+from limoe_ds.config.model import MoEConfig
 from limoe_ds.moe.layer import LIMoELayer
 from limoe_ds.moe.routing import TOKEN_IMAGE, TOKEN_PAD, TOKEN_TEXT
 

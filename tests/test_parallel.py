@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from limoe_ds.parallel import Layout, check_layout, tp_partition, tp_shard, tp_unshard
+from limoe_ds.parallel.layout import Layout, check_layout
+from limoe_ds.parallel.tp_plan import tp_partition, tp_shard, tp_unshard
 
 
 def _families(layout_cls=Layout, **kw):

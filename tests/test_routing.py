@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from limoe_ds.config import MoEConfig
+from limoe_ds.config.model import MoEConfig
 from limoe_ds.moe.routing import (TOKEN_IMAGE, TOKEN_PAD, TOKEN_TEXT, expert_capacity, global_entropy_loss,
                                   importance_loss, load_loss, local_entropy_loss, route_top1, top1_assign,
                                   z_loss)

@@ -1,6 +1,6 @@
 """DeepSpeed's CPU all-reduce buffers in /dev/shm: found when stale, never when in use or new.
 
-That launched runs leave none behind (limoe_ds.engine unlinks them at init) is asserted by
+That launched runs leave none behind (limoe_ds.train.engine unlinks them at init) is asserted by
 test_train.test_resume_after_kill_9_continues_bitwise, on finished and SIGKILLed runs.
 """
 
@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from limoe_ds import shm
+from limoe_ds.runtime import shm
 from test_train import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from limoe_ds import dist_env
-from limoe_ds.dist_env import LaunchEnvError, expand_nodelist, hostfile_text, launch_env, ranks_per_node
+from limoe_ds.runtime import slurm as slurm_env
+from limoe_ds.runtime.launch_env import LaunchEnvError, export_torch_env, launch_env
+from limoe_ds.runtime.slurm import expand_nodelist, hostfile_text, ranks_per_node
 from test_train import _losses  # per-step losses from metrics.jsonl, the re-run steps of a resume overwriting
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,14 +106,14 @@ def test_slurm_plan_cli_writes_the_hostfile_and_the_exports(tmp_path, monkeypatc
     monkeypatch.setenv("GPUS_PER_NODE", "4")
     monkeypatch.setenv("SLURM_JOB_ID", "31337")
     monkeypatch.setattr(sys, "stdin", io.StringIO("gpu07\ngpu08\n"))  # scontrol show hostnames
-    assert dist_env._cli(["slurm-plan", "--hostfile", str(tmp_path / "hostfile")]) == 0
+    assert slurm_env._cli(["slurm-plan", "--hostfile", str(tmp_path / "hostfile")]) == 0
     assert (tmp_path / "hostfile").read_text() == "gpu07 slots=4\ngpu08 slots=4\n"
     out = capsys.readouterr().out
     # 20000 + 31337 % 20000 = 31337
     assert out == ("export MASTER_ADDR=gpu07\nexport MASTER_PORT=31337\nexport NNODES=2\n"
                    "export GPUS_PER_NODE=4\nexport WORLD=8\n")
     monkeypatch.setattr(sys, "stdin", io.StringIO("gpu07\ngpu07\n"))
-    assert dist_env._cli(["slurm-plan", "--hostfile", str(tmp_path / "h2")]) == 2
+    assert slurm_env._cli(["slurm-plan", "--hostfile", str(tmp_path / "h2")]) == 2
     assert capsys.readouterr().err.strip() == "error: host 'gpu07' appears twice"
 
 
@@ -168,17 +169,17 @@ def test_malformed_launch_env_is_a_clear_error(env, message):
 
 def test_export_torch_env_maps_srun_and_leaves_a_launcher_alone():
     env = dict(SRUN)
-    dist_env.export_torch_env(env)
+    export_torch_env(env)
     assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")} == {
         "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "gpu07", "MASTER_PORT": "21234"}
     assert launch_env(env).launcher == "deepspeed"  # now torch's variables: the same place either way
     env = dict(DEEPSPEED)
-    dist_env.export_torch_env(env)
+    export_torch_env(env)
     assert env == DEEPSPEED
 
 
 def test_bad_launcher_variables_exit_2_with_one_line(monkeypatch, capsys):
-    from limoe_ds.train import main
+    from limoe_ds.train.trainer import main
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["--deepspeed_config", str(ROOT / "ds_configs" / "tiny.json")]) == 2
@@ -188,7 +189,7 @@ def test_bad_launcher_variables_exit_2_with_one_line(monkeypatch, capsys):
 # ---- the stop flag ----------------------------------------------------------------------------
 STOP_FLAG_SCRIPT = """
 import os, signal, sys
-from limoe_ds.preemption import StopFlag
+from limoe_ds.runtime.preemption import StopFlag
 stop = StopFlag()
 os.kill(os.getpid(), signal.SIG{first})
 print("flag", stop.signum == signal.SIG{first}, flush=True)
@@ -221,10 +222,10 @@ def test_signal_ranks_reaches_registered_pids_on_this_host(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
     try:
-        mine = dist_env.register_pid(tmp_path, 0)
+        mine = slurm_env.register_pid(tmp_path, 0)
         (tmp_path / f"{socket.gethostname()}.rank00001.pid").write_text(f"{dead.pid}\n")  # exited: skipped
         (tmp_path / "otherhost.rank00002.pid").write_text(f"{os.getpid()}\n")  # another node: not here
-        assert dist_env.signal_ranks(tmp_path, signal.SIGUSR1) == [os.getpid()]
+        assert slurm_env.signal_ranks(tmp_path, signal.SIGUSR1) == [os.getpid()]
         assert got == [signal.SIGUSR1] and mine.read_text() == f"{os.getpid()}\n"
     finally:
         signal.signal(signal.SIGUSR1, previous)
@@ -479,7 +480,7 @@ def reference(slurm):
 
 
 def test_sbatch_deepspeed_launcher_trains_checkpoints_and_logs(slurm, reference):
-    from limoe_ds import checkpoint
+    from limoe_ds.checkpoint import io as checkpoint
     job, run_dir, info = reference
     log = slurm.log(job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
@@ -509,7 +510,7 @@ def _preempt_and_resume(slurm: Cluster, job: str, run_dir: Path) -> tuple[dict[s
 
 
 def _check_resumed_bitwise(info, log, run_dir, reference_run_dir):
-    from limoe_ds import checkpoint
+    from limoe_ds.checkpoint import io as checkpoint
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", log[-3000:]
     m = re.search(r"preempted: stopped at step (\d+) on SIGUSR1", log)
     assert m, log[-3000:]

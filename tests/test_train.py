@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from limoe_ds import checkpoint, run_config
-from limoe_ds.dist_env import free_port
-from limoe_ds.run_config import ConfigError
+from limoe_ds.checkpoint import io as checkpoint
+from limoe_ds.config import run as run_config
+from limoe_ds.runtime.launch_env import free_port
+from limoe_ds.config.run import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "ds_configs" / "tiny.json"
@@ -48,7 +49,7 @@ def _tiny_raw() -> dict:
 
 
 def _main(argv):
-    from limoe_ds.train import main
+    from limoe_ds.train.trainer import main
     return main(argv)
 
 
@@ -109,11 +110,11 @@ def test_gpu_configs_validate_for_their_cluster(name, world):
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("smoke")
-    from limoe_ds.train import train
+    from limoe_ds.train.trainer import train
     raw = run_config.apply_overrides(_tiny_raw(), SHORT + ["train.steps=8", f"train.run_dir={run_dir}",
                                                            "train.save_every=4"])
     cfg = run_config.resolve(raw, world_size=1)
-    from limoe_ds.engine import init_distributed
+    from limoe_ds.train.engine import init_distributed
     init_distributed()
     torch.manual_seed(0)
     return run_dir, train(cfg, rank=0, world=1, resume="none")
@@ -198,8 +199,8 @@ def test_resume_from_incomplete_or_foreign_checkpoint_is_a_clear_error(tmp_path)
 
 
 def test_non_finite_losses_skip_steps_then_stop(smoke_run, tmp_path, monkeypatch):
-    from limoe_ds import engine as eng
-    from limoe_ds.train import train
+    from limoe_ds.train import engine as eng
+    from limoe_ds.train.trainer import train
     calls = []
 
     def nan_step(engine, batch):
@@ -215,7 +216,7 @@ def test_non_finite_losses_skip_steps_then_stop(smoke_run, tmp_path, monkeypatch
 
 
 def test_a_non_finite_batch_is_skipped_without_touching_the_weights(smoke_run):
-    from limoe_ds.engine import build_engine, train_step
+    from limoe_ds.train.engine import build_engine, train_step
     from limoe_ds.model import build_model
     raw = _tiny_raw()
     model = build_model("tiny")
@@ -381,7 +382,7 @@ def test_tensor_parallel_2_run_resumes_bitwise_and_evaluates_on_one_rank(tmp_pat
 
 
 def test_weight_decay_only_on_matrices_and_experts_in_moe_groups():
-    from limoe_ds.engine import param_groups, weight_decay_split
+    from limoe_ds.train.engine import param_groups, weight_decay_split
     from limoe_ds.model import build_model
     model = build_model("tiny")
     names = {id(p): n for n, p in model.named_parameters()}

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from limoe_ds import checkpoint  # noqa: E402
+from limoe_ds.checkpoint import io as checkpoint  # noqa: E402
 from limoe_ds.eval.figures import modality_chart, patch_overlay  # noqa: E402
 
 

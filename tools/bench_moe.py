@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from limoe_ds.config import MoEConfig  # noqa: E402
+from limoe_ds.config.model import MoEConfig  # noqa: E402
 from limoe_ds.moe.layer import MLP, LIMoELayer  # noqa: E402
 from limoe_ds.moe.routing import TOKEN_IMAGE, TOKEN_TEXT  # noqa: E402
 

@@ -4,7 +4,7 @@
     python tools/clean_shm.py            # list them and remove them
     python tools/clean_shm.py --dry-run  # only list them
 
-limoe_ds unlinks its own runs' buffers at start (limoe_ds/shm.py); runs of older versions, or
+limoe_ds unlinks its own runs' buffers at start (limoe_ds/runtime/shm.py); runs of older versions, or
 other DeepSpeed programs, leave one per rank until reboot. Only buffers that no running process
 maps and that are older than a minute are touched, so a job starting now is safe.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from limoe_ds import shm  # noqa: E402
+from limoe_ds.runtime import shm  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

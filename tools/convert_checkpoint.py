@@ -36,7 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from limoe_ds.convert import CheckpointError, export, read_full_state, reshard  # noqa: E402
+from limoe_ds.checkpoint.convert import CheckpointError, export, read_full_state
+from limoe_ds.checkpoint.reshard import reshard  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"exported": str(out), **json.loads((out / "limoe_export.json").read_text())}, indent=1))
         elif args.command == "reshard":
             out = reshard(args.checkpoint, args.out, tp=args.tp, ep=args.ep, world=args.world)
-            from limoe_ds.dist_env import world_from_env
+            from limoe_ds.runtime.launch_env import world_from_env
             if world_from_env()[0] == 0:
                 print(json.dumps({"resharded": str(args.checkpoint), "out": str(out), "tp": args.tp, "ep": args.ep,
                                   "world": args.world, "latest": (out / "latest").read_text().strip()}, indent=1))

@@ -33,8 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from limoe_ds import checkpoint  # noqa: E402
-from limoe_ds.dist_env import world_from_env  # noqa: E402
+from limoe_ds.checkpoint import io as checkpoint  # noqa: E402
+from limoe_ds.runtime.launch_env import world_from_env  # noqa: E402
 
 
 def _benchmarks(specs: list[str], threads: int) -> list:
@@ -51,7 +51,7 @@ def _evaluate(cfg, state, benchmarks: list, rank: int, world: int) -> dict[str, 
     from limoe_ds.data import Tokenizer, build_eval_loader
     from limoe_ds.data.benchmarks import CaptionSet
     from limoe_ds.data.zeroshot import load_zeroshot_set
-    from limoe_ds.engine import init_distributed
+    from limoe_ds.train.engine import init_distributed
     from limoe_ds.eval.run import evaluate
     from limoe_ds.model import build_model
     init_distributed()

@@ -8,7 +8,7 @@
     python tools/model_summary.py ds_configs/h14.json --layout tp=2,ep=8,dp=128
 
 With ``--layout`` it adds a per-GPU memory estimate (weights, gradients, optimizer state,
-activations; see limoe_ds/memory.py for the accounting). From a JSON, ZeRO stage, bf16, micro-batch
+activations; see limoe_ds/parallel/memory.py for the accounting). From a JSON, ZeRO stage, bf16, micro-batch
 and activation checkpointing default to the config's; ``--zero``, ``--micro-batch``,
 ``--fp32`` and ``--no-activation-checkpointing`` override them.
 
@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from limoe_ds.config import ModelConfig, get_preset  # noqa: E402
-from limoe_ds.run_config import model_config  # noqa: E402
+from limoe_ds.config.model import ModelConfig, get_preset  # noqa: E402
+from limoe_ds.config.run import model_config  # noqa: E402
 
 
 def load_model_config(preset_or_path: str) -> ModelConfig:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_model_config(args.preset_or_config)
         out = summarize(cfg)
         if args.layout:
-            from limoe_ds.memory import estimate
+            from limoe_ds.parallel.memory import estimate
             run = {"zero_stage": 2, "bf16": True, "micro_batch": 64, "activation_checkpointing": True,
                    **_run_defaults(args.preset_or_config)}
             if args.zero is not None:

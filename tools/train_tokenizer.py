@@ -19,7 +19,7 @@ from typing import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from limoe_ds.data.config import SourceConfig  # noqa: E402
+from limoe_ds.config.data import SourceConfig  # noqa: E402
 from limoe_ds.data.errors import DataError, SkipSample  # noqa: E402
 from limoe_ds.data.samples import check_caption  # noqa: E402
 from limoe_ds.data.sources import resolve_source, read_shard  # noqa: E402

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from limoe_ds.data.config import DataConfig, SourceConfig
+from limoe_ds.config.data import DataConfig, SourceConfig
 from limoe_ds.data.errors import DataError, zero_counts
 from limoe_ds.data.image import to_tensor
 from limoe_ds.data.sources import ResolvedSource, resolve_source

@@ -26,7 +26,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from limoe_ds.data.config import SourceConfig
+from limoe_ds.config.data import SourceConfig
 from limoe_ds.data.errors import DataError
 from limoe_ds.data.image import IMAGE_EXTS
 

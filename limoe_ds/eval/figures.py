@@ -1,5 +1,5 @@
 """Expert figures as Pillow images: saved as PNG by tools/analyze_experts.py, logged to TensorBoard
-at each in-training evaluation (``limoe_ds.train``).
+at each in-training evaluation (``limoe_ds.train.trainer``).
 
 - ``modality_chart``: the LIMoE paper's chart: one panel per MoE layer, one bar per expert, its kept
   tokens split into image (blue) and text (orange); heights relative to the panel's busiest expert.
@@ -20,7 +20,7 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 
 def modality_chart(summary: dict[str, dict], panel: tuple[int, int] = (220, 160)) -> Image.Image:
-    """``diagnostics.summarize`` output -> RGB image of (panel width * layers) x (panel height + 20)."""
+    """``stats.summarize`` output -> RGB image of (panel width * layers) x (panel height + 20)."""
     layers = list(summary)
     W, H = panel
     img = Image.new("RGB", (W * len(layers), H + 20), "white")

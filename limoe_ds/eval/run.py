@@ -25,7 +25,7 @@ from limoe_ds.data.errors import SKIP_REASONS
 from limoe_ds import parallel
 from limoe_ds.eval import metrics
 from limoe_ds.losses import contrastive_loss
-from limoe_ds.moe import diagnostics
+from limoe_ds.moe import stats
 
 
 def _group():
@@ -124,12 +124,12 @@ class RoutingRecord:
     experts_BI: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def summary(self) -> dict[str, dict]:
-        """Per MoE layer and modality (``diagnostics.summarize``)."""
-        return diagnostics.summarize(self.totals)
+        """Per MoE layer and modality (``stats.summarize``)."""
+        return stats.summarize(self.totals)
 
     def add(self, out, real: bool) -> None:
         # A dummy pass adds zeros, so every rank holds the same keys for the sum.
-        diagnostics.accumulate(self.totals, out.routing_stats if real else
+        stats.accumulate(self.totals, out.routing_stats if real else
                                {k: torch.zeros_like(v) for k, v in out.routing_stats.items()})
 
     def take_sample(self, images_BCHW: torch.Tensor, expert_S: dict[int, torch.Tensor], patches: int) -> None:

@@ -1,4 +1,4 @@
-"""The LIMoE model: presets in limoe_ds.config, modules in limoe_ds.model.limoe."""
+"""The LIMoE model: presets in limoe_ds.config.model, modules in limoe_ds.model.limoe."""
 
 from limoe_ds.model.limoe import LIMoEModel, LIMoEOutput, build_model, init_weights, param_counts
 

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from limoe_ds.config import ModelConfig
+from limoe_ds.config.model import ModelConfig
 from limoe_ds.moe.layer import MLP, LIMoELayer
 from limoe_ds.moe.routing import TOKEN_IMAGE, TOKEN_PAD, TOKEN_TEXT, Routing
-from limoe_ds.parallel import TensorParallel, tp_partition, tp_shard
+from limoe_ds.parallel.tp_plan import TensorParallel, tp_partition, tp_shard
 
 
 @dataclass
@@ -259,7 +259,7 @@ def build_model(cfg: ModelConfig | str, *, ep_size: int = 1, ep_rank: int = 0, s
                 device: torch.device | str | None = None, tp: TensorParallel = TensorParallel()) -> LIMoEModel:
     """Build (and initialise, unless on the meta device) a LIMoE model from a config or preset name."""
     if isinstance(cfg, str):
-        from limoe_ds.config import get_preset
+        from limoe_ds.config.model import get_preset
         cfg = get_preset(cfg)
     with torch.device(device or "cpu"):
         model = LIMoEModel(cfg, ep_size=ep_size, ep_rank=ep_rank, tp=tp)

@@ -32,9 +32,9 @@ with contextlib.redirect_stdout(sys.stderr):
     from deepspeed.moe.layer import MoE
     from deepspeed.moe.sharded_moe import MOELayer
 
-from limoe_ds.config import MoEConfig
+from limoe_ds.config.model import MoEConfig
 from limoe_ds.moe.routing import Routing, expert_capacity, route_top1
-from limoe_ds.parallel import TensorParallel
+from limoe_ds.parallel.tp_plan import TensorParallel
 
 
 class MLP(nn.Module):

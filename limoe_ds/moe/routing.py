@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from limoe_ds.config import MODALITIES, MoEConfig
+from limoe_ds.config.model import MODALITIES, MoEConfig
 
 # Token types in the routing pool. Padding is never routed, counted or dropped.
 TOKEN_PAD, TOKEN_IMAGE, TOKEN_TEXT = 0, 1, 2

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from limoe_ds.data.config import DataConfig, SourceConfig
+from limoe_ds.config.data import DataConfig, SourceConfig
 
 
 def test_defaults_and_coercion():

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from limoe_ds.validate import check as _check, reject_unknown
+from limoe_ds.config.errors import check as _check, reject_unknown
 
 MODALITIES = ("image", "text")
 

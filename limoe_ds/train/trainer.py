@@ -4,7 +4,7 @@ Validates the whole configuration before any process group starts (exit status 2
 message naming the key), then trains with DeepSpeed (ZeRO 0-2, expert parallelism), saves atomic
 checkpoints, logs to TensorBoard and ``metrics.jsonl``, and ends with a summary on rank 0.
 On SIGUSR1 or SIGTERM it saves a checkpoint at the next step boundary and exits with status 75
-(limoe_ds.preemption), for a batch script to requeue.
+(limoe_ds.runtime.preemption), for a batch script to requeue.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from limoe_ds import checkpoint, run_config
-from limoe_ds.dist_env import LaunchEnvError, register_pid, world_from_env
+from limoe_ds.checkpoint import io as checkpoint
+from limoe_ds.config import run as run_config
+from limoe_ds.runtime.launch_env import LaunchEnvError, world_from_env
+from limoe_ds.runtime.slurm import register_pid
 from limoe_ds.data import DataError, Tokenizer, build_eval_loader, build_train_loader
-from limoe_ds.moe import diagnostics
-from limoe_ds.preemption import EXIT_PREEMPTED, Preempted, StopFlag
-from limoe_ds.run_config import ConfigError, RunConfig
+from limoe_ds.moe import stats
+from limoe_ds.runtime.preemption import EXIT_PREEMPTED, Preempted, StopFlag
+from limoe_ds.config.run import ConfigError, RunConfig
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -104,7 +106,7 @@ class Window:
         for k, v in {"loss/total": r.loss, "loss/contrastive": r.contrastive,
                      **{f"aux/{k}": v for k, v in r.aux.items()}}.items():
             self.losses[k] = self.losses.get(k, 0.0) + v
-        diagnostics.accumulate(self.routing, r.routing_stats)
+        stats.accumulate(self.routing, r.routing_stats)
 
 
 def routing_scalars(routing: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -112,14 +114,14 @@ def routing_scalars(routing: dict[str, torch.Tensor]) -> dict[str, float]:
     then per layer/modality success rate and dropped tokens."""
     if dist.is_initialized() and routing:
         from limoe_ds import parallel
-        from limoe_ds.engine import comm_device
+        from limoe_ds.parallel.collectives import comm_device
         keys = sorted(k for k in routing if not k.endswith("/capacity"))
         flat = torch.cat([routing[k].reshape(-1) for k in keys]).double().to(comm_device())  # NCCL: on the GPU
         dist.all_reduce(flat, group=parallel.data_parallel_group())
         sizes = [routing[k].numel() for k in keys]
         routing = {**routing, **{k: v.view_as(routing[k]).float() for k, v in zip(keys, flat.split(sizes))}}
     out = {}
-    for layer, s in diagnostics.summarize(routing).items():
+    for layer, s in stats.summarize(routing).items():
         for m in ("image", "text"):
             out[f"routing/{layer}/{m}/success_rate"] = s[m]["success_rate"]
             out[f"routing/{layer}/{m}/dropped_tokens"] = s[m]["dropped_tokens"]
@@ -129,7 +131,7 @@ def routing_scalars(routing: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def _build(cfg: RunConfig, rank: int, world: int):
     from limoe_ds import parallel
-    from limoe_ds.engine import build_engine
+    from limoe_ds.train.engine import build_engine
     from limoe_ds.model import build_model
     layout = parallel.Layout(rank=rank, world_size=world, ep=cfg.parallel.expert_parallel_size,
                              tp=cfg.parallel.tensor_parallel_size)
@@ -239,7 +241,7 @@ def train(cfg: RunConfig, *, rank: int, world: int, resume: str = "auto", stop: 
 
 
 def _train(cfg: RunConfig, *, rank: int, world: int, resume: str, stop: StopFlag | None) -> dict:
-    from limoe_ds.engine import train_step
+    from limoe_ds.train.engine import train_step
     run_dir = Path(cfg.train.run_dir)
     ckpt_root = run_dir / "checkpoints"
     layout, engine, scheduler, loader, evaluator = _build(cfg, rank, world)
@@ -308,7 +310,7 @@ def _progress(cfg: RunConfig, start: int):
 
 
 def _log_window(metrics, window, step, engine, scheduler, loader, samples_per_step, tokens_per_sample, skipped):
-    from limoe_ds.engine import mean_over_ranks
+    from limoe_ds.parallel.collectives import mean_over_ranks
     elapsed = time.perf_counter() - window.t0
     scalars = mean_over_ranks({k: v / window.steps for k, v in window.losses.items()})
     scalars.update(routing_scalars(window.routing))
@@ -329,7 +331,7 @@ def _log_window(metrics, window, step, engine, scheduler, loader, samples_per_st
 
 
 def _sum_counts(counts: dict[str, int]) -> dict[str, int]:
-    from limoe_ds.engine import sum_over_ranks
+    from limoe_ds.parallel.collectives import sum_over_ranks
     return {k: int(v) for k, v in sum_over_ranks(counts).items()}
 
 
@@ -371,7 +373,7 @@ def _run(args: argparse.Namespace, stop: StopFlag, rank: int, world: int) -> int
         else:  # every rank finds the same error; the launcher kills all ranks at the first exit,
             time.sleep(3)  # so let rank 0 print it first
         return 2
-    from limoe_ds.engine import init_distributed  # imports DeepSpeed: only after validation
+    from limoe_ds.train.engine import init_distributed  # imports DeepSpeed: only after validation
     init_distributed()
     try:
         summary = train(cfg, rank=rank, world=world, resume=args.resume, stop=stop)

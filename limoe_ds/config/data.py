@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from limoe_ds.validate import check as _check, reject_unknown as _reject_unknown
+from limoe_ds.config.errors import check as _check, reject_unknown as _reject_unknown
 
 FORMATS = ("auto", "webdataset", "parquet", "arrow", "folder")
 

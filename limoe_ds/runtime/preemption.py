@@ -57,7 +57,7 @@ class StopFlag:
         import torch.distributed as dist
         flag = torch.tensor([1.0 if self.signum is not None else 0.0])
         if dist.is_initialized():
-            from limoe_ds.engine import comm_device
+            from limoe_ds.parallel.collectives import comm_device
             flag = flag.to(comm_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.stopping = flag.item() > 0

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from limoe_ds.config import ModelConfig
-from limoe_ds.parallel import check_layout, tp_partition
+from limoe_ds.config.model import ModelConfig
+from limoe_ds.parallel.layout import check_layout
+from limoe_ds.parallel.tp_plan import tp_partition
 
 GIB = 1024 ** 3
 

@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import torch
 
-from limoe_ds.config import MODALITIES
+from limoe_ds.config.model import MODALITIES
 from limoe_ds.moe.routing import entropy
 
 _KEY = re.compile(r"^moe/layer(\d+)/(.+)$")

@@ -26,9 +26,11 @@ with contextlib.redirect_stdout(sys.stderr):
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                         category=FutureWarning)
 
-from limoe_ds.dist_env import export_torch_env, free_port
+from limoe_ds.runtime.launch_env import export_torch_env, free_port
 from limoe_ds.losses import gathered_contrastive_loss
-from limoe_ds import parallel, shm
+from limoe_ds.parallel.collectives import all_finite
+from limoe_ds import parallel
+from limoe_ds.runtime import shm
 from limoe_ds.model.limoe import LIMoEModel, MAPHead
 
 
@@ -36,7 +38,7 @@ def init_distributed() -> None:
     """Start the default process group: NCCL on GPUs, gloo on CPU. A no-op when already started.
 
     Without a launcher (plain ``python launch/pretrain.py``, tests) it starts a 1-rank group; under
-    ``srun`` without a launcher it maps the SLURM task variables first (limoe_ds.dist_env).
+    ``srun`` without a launcher it maps the SLURM task variables first (limoe_ds.runtime.launch_env).
     """
     if dist.is_initialized():
         return
@@ -52,7 +54,7 @@ def init_distributed() -> None:
 
 
 def _unlink_shm_buffer() -> None:
-    """DeepSpeed's CPU all-reduce leaves a 66 MB /dev/shm buffer per rank behind (limoe_ds.shm).
+    """DeepSpeed's CPU all-reduce leaves a 66 MB /dev/shm buffer per rank behind (limoe_ds.runtime.shm).
     Every rank maps all its peers' buffers inside init, so after one barrier each rank unlinks
     its own name; the memory is freed when the processes exit, however they end."""
     if dist.get_world_size() > 1:
@@ -117,37 +119,6 @@ def build_engine(model: LIMoEModel, ds_config: dict):
         engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups(model),
                                                        config=ds_config, mpu=None if state is None else state.mpu)
     return engine, scheduler
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """True iff ``t`` is finite on EVERY rank (so that all ranks skip a step together)."""
-    flag = torch.tensor([0.0 if torch.isfinite(t).all() else 1.0], device=t.device)
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
-
-
-def comm_device() -> torch.device:
-    """Where collective tensors must live: the current GPU under NCCL, the CPU under gloo."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Element-wise sum of a {name: number} dict over the data-parallel ranks (one all-reduce);
-    tensor-parallel peers hold the same samples and are counted once."""
-    group = parallel.data_parallel_group()
-    if not dist.is_initialized() or dist.get_world_size(group) == 1 or not values:
-        return dict(values)
-    keys = sorted(values)  # the same order on every rank, whatever each dict's insertion order
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=comm_device())
-    dist.all_reduce(t, group=group)
-    return dict(zip(keys, t.tolist()))
-
-
-def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Mean over the data-parallel ranks."""
-    world = dist.get_world_size(parallel.data_parallel_group()) if dist.is_initialized() else 1
-    return {k: v / world for k, v in sum_over_ranks(values).items()}
 
 
 @dataclass

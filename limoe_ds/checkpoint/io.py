@@ -89,7 +89,7 @@ def save(engine, ckpt_root: Path, step: int, *, rank_state: Callable[[], dict[st
         for stale in ckpt_root.glob("*.partial"):
             shutil.rmtree(stale)
     _barrier()
-    from limoe_ds.parallel import checkpoint_writers
+    from limoe_ds.parallel.groups import checkpoint_writers
     with checkpoint_writers():
         engine.save_checkpoint(str(ckpt_root), tag=partial.name, client_state={"limoe_step": step},
                                save_latest=False)
@@ -128,14 +128,14 @@ def read_marker(ckpt_dir: Path, flag: str) -> dict[str, Any]:
     """The completion marker's contents; a clear error naming ``flag`` when the checkpoint is incomplete."""
     marker = Path(ckpt_dir) / MARKER
     if not marker.is_file():
-        from limoe_ds.validate import ConfigError
+        from limoe_ds.config.errors import ConfigError
         raise ConfigError(f"{flag}: {ckpt_dir} is not a complete limoe_ds checkpoint (no {MARKER})")
     return json.loads(marker.read_text())
 
 
 def saved_layout(meta: dict[str, Any]):
     """The parallel layout (rank 0's view) a checkpoint was written at, from its marker."""
-    from limoe_ds.parallel import Layout
+    from limoe_ds.parallel.layout import Layout
     saved = meta.get("config", {}).get("limoe", {}).get("parallel", {})
     return Layout(rank=0, world_size=int(meta["world_size"]), ep=int(saved.get("expert_parallel_size", 1)),
                   tp=int(saved.get("tensor_parallel_size", 1)))
@@ -170,7 +170,7 @@ def consolidated_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     (``mp_rank_<t>_model_states.pt`` per tensor-parallel rank t, joined along each parameter's split,
     ``limoe_ds.parallel.tp_partition``) plus one file per expert, named by its global index. These
     are the module weights (bf16 in a bf16 run), not the fp32 optimizer master copy."""
-    from limoe_ds.parallel import tp_partition, tp_unshard
+    from limoe_ds.parallel.tp_plan import tp_partition, tp_unshard
     ckpt_dir = Path(ckpt_dir)
     tp = saved_layout(read_marker(ckpt_dir, "--checkpoint")).tp
     parts = []
@@ -192,7 +192,7 @@ def consolidated_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 def evaluation_config(ckpt_dir: Path, overrides: list[str], world: int):
     """The run's configuration stored in the checkpoint, set up for evaluation on ``world`` ranks
     with the whole model on every rank (expert- and tensor-parallel size 1, any world size)."""
-    from limoe_ds import run_config
+    from limoe_ds.config import run as run_config
     raw = read_marker(ckpt_dir, "--checkpoint")["config"]
     raw = run_config.apply_overrides(raw, ["parallel.expert_parallel_size=1", "parallel.tensor_parallel_size=1",
                                            "parallel.world_size=null", *overrides])

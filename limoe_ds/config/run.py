@@ -23,9 +23,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from limoe_ds.config import ModelConfig, config_from_dict, get_preset
-from limoe_ds.data.config import DataConfig
-from limoe_ds.validate import ConfigError, check as _check, reject_unknown
+from limoe_ds.config.model import ModelConfig, config_from_dict, get_preset
+from limoe_ds.config.data import DataConfig
+from limoe_ds.config.errors import ConfigError, check as _check, reject_unknown
 
 
 

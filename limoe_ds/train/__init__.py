@@ -1,0 +1,1 @@
+"""Training on the DeepSpeed engine: the engine and one step (``engine``), the loop (``trainer``)."""
