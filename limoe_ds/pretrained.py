@@ -25,6 +25,9 @@ import torch
 from limoe_ds.config.model import config_from_dict
 from limoe_ds.model.limoe import LIMoEModel
 
+DROPLESS = None
+"""The capacity factor of every pass: dropless, so an embedding does not depend on its batch."""
+
 
 class Pretrained:
     """A loaded model with its tokenizer; methods run under ``torch.no_grad`` in eval mode."""
@@ -54,11 +57,11 @@ class Pretrained:
 
     @torch.no_grad()
     def encode_image(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(images_BCHW.to(self.device)).float()
+        return self.model.encode_image(images_BCHW.to(self.device), DROPLESS).float()
 
     @torch.no_grad()
     def encode_text(self, tokens_BT: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(tokens_BT.to(self.device)).float()
+        return self.model.encode_text(tokens_BT.to(self.device), DROPLESS).float()
 
     @torch.no_grad()
     def zero_shot_classifier(self, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
@@ -84,8 +87,6 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
             raise FileNotFoundError(f"{path / f} is missing: not an exported limoe_ds model "
                                     f"(make one with tools/convert_checkpoint.py export)")
     cfg = config_from_dict(json.loads((path / "config.json").read_text()))
-    if cfg.moe is not None:
-        cfg.moe.eval_capacity_factor = None  # dropless: an embedding must not depend on its batch
     model = build_model(cfg, device="meta")
     state = load_file(str(path / "model.safetensors"), device="cpu")
     model.load_state_dict(state, strict=True, assign=True)

@@ -2,6 +2,28 @@
 
 import torch
 
+from limoe_ds.moe.routing import _cv_squared, _masked_mean, entropy
+
+
+# One loss at a time, as the papers define them (route_top1 computes them fused for both modalities).
+def importance_loss(probs_NE: torch.Tensor, valid_N: torch.Tensor) -> torch.Tensor:
+    """V-MoE importance loss: imp_e = sum_i p_i[e] over valid tokens (clean p); (std/mean)^2."""
+    importance_E = (probs_NE * valid_N[:, None].to(probs_NE.dtype)).sum(dim=0)
+    return _cv_squared(importance_E)
+
+
+def local_entropy_loss(probs_NE: torch.Tensor, mask_N: torch.Tensor) -> torch.Tensor:
+    """LIMoE local entropy: mean over the masked tokens of H(p_i) (low = confident routing)."""
+    return _masked_mean(entropy(probs_NE), mask_N)
+
+
+def global_entropy_loss(probs_NE: torch.Tensor, mask_N: torch.Tensor, threshold: float) -> torch.Tensor:
+    """LIMoE thresholded global entropy: max(0, tau - H(mean_i p_i)) over the masked tokens."""
+    m_N1 = mask_N[:, None].to(probs_NE.dtype)
+    mean_probs_E = (probs_NE * m_N1).sum(dim=0) / m_N1.sum().clamp(min=1.0)
+    loss = torch.clamp(threshold - entropy(mean_probs_E), min=0.0)
+    return torch.where(mask_N.any(), loss, torch.zeros_like(loss))  # no tokens of m: no loss
+
 
 def reference_top1_assign(probs_NE, valid_N, capacity, *, batch_priority):
     """Python loops over tokens: returns plain lists (expert, position, kept)."""

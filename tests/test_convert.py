@@ -55,7 +55,6 @@ def _engine_worker(rank, world, ckpt_dir: str):
     from limoe_ds.checkpoint import io as checkpoint
     from limoe_ds.config import run as run_config
     from limoe_ds.train.engine import build_engine
-    from limoe_ds.eval.run import capacity
     from limoe_ds.model import build_model
     marker = checkpoint.read_marker(Path(ckpt_dir), "test")
     cfg = run_config.resolve(marker["config"], world_size=world, check_paths=False)
@@ -80,8 +79,8 @@ def _engine_worker(rank, world, ckpt_dir: str):
                        "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").clone()}
     engine.module.eval()
     images, tokens = _inputs(cfg.model)
-    with torch.no_grad(), capacity(engine.module, None):
-        out = engine.module(images, tokens)
+    with torch.no_grad():
+        out = engine.module(images, tokens, None)  # dropless
     parallel.teardown()
     return {"image": out.image_emb, "text": out.text_emb, "params": full}
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _stats(logits, types, capacity):
     cfg = MoEConfig(num_experts=logits.shape[1], layers=(0,))
-    return {f"moe/layer2/{k}": v for k, v in route_top1(logits, types, cfg, capacity=capacity).stats.items()}
+    return [stats.RoutingStats.of(2, route_top1(logits, types, cfg, capacity=capacity), capacity)]
 
 
 def test_success_rate_is_one_minus_drop_rate_and_shares_sum_to_one():
@@ -42,7 +42,7 @@ def test_success_rate_is_one_minus_drop_rate_and_shares_sum_to_one():
 def test_collapsed_router_is_reported_as_such():
     logits = torch.tensor([[9.0, 0, 0, 0]] * 24)  # every token prefers expert 0
     types = torch.tensor([TOKEN_IMAGE] * 12 + [TOKEN_TEXT] * 12)
-    layer = stats.summarize(_stats(logits, types, capacity=8))["layer2"]
+    layer = stats.summarize(stats.accumulate({}, _stats(logits, types, capacity=8)))["layer2"]
     assert layer["dead_experts"] == [1, 2, 3]
     assert layer["image"]["success_rate"] + layer["text"]["success_rate"] < 1.0  # only 8 of 24 kept
     assert layer["text"]["entropy_of_mean"] == pytest.approx(0.0, abs=1e-2)

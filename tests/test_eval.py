@@ -239,23 +239,23 @@ def _bench_worker(rank, world, specs):
     from limoe_ds.data import DataConfig, Tokenizer, build_eval_loader
     from limoe_ds.data.benchmarks import load_benchmark
     from limoe_ds.train.engine import build_engine
-    from limoe_ds.eval.run import RoutingRecord, capacity, caption_retrieval, embed_pairs, zero_shot
+    from limoe_ds.eval.run import RoutingRecord, caption_retrieval, embed_pairs, zero_shot
     from limoe_ds.model import build_model
     tok = Tokenizer.from_file(str(MINI / "tokenizer.json"))
     model = build_model("tiny", ep_size=world, ep_rank=rank, seed=3)
+    dropless = {"dropless": None}
     if world > 1:
         ds = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": world, "steps_per_print": 10 ** 9,
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
         model = build_engine(model, ds)[0].module
     model.eval()
     classes, coco = (load_benchmark(s) for s in specs)
-    with capacity(model, None):
-        zs = zero_shot(model, classes, tok, dp_rank=rank, dp_size=world, batch_size=1)
-        ret = caption_retrieval(model, coco, tok, dp_rank=rank, dp_size=world, batch_size=1)
-        record = RoutingRecord(sample_images=3 if rank == 0 else 0)
-        val = build_eval_loader(DataConfig(val=str(MINI / "val"), num_workers=0), image_size=32, tokenizer=tok,
-                                text_len=16, batch_size=100, dp_rank=rank, dp_size=world)
-        embed_pairs(model, val, max_batches=2, record=record)
+    zs = zero_shot(model, classes, tok, dp_rank=rank, dp_size=world, batch_size=1, modes=dropless)["dropless"]
+    ret = caption_retrieval(model, coco, tok, dp_rank=rank, dp_size=world, batch_size=1, modes=dropless)["dropless"]
+    record = RoutingRecord(sample_images=3 if rank == 0 else 0)
+    val = build_eval_loader(DataConfig(val=str(MINI / "val"), num_workers=0), image_size=32, tokenizer=tok,
+                            text_len=16, batch_size=100, dp_rank=rank, dp_size=world)
+    embed_pairs(model, val, max_batches=2, record=record, modes=dropless)
     return zs, ret, record.summary(), None if record.images_BCHW is None else tuple(record.images_BCHW.shape)
 
 
@@ -306,7 +306,7 @@ def test_one_walk_serves_both_routings_like_two_separate_passes(bench, monkeypat
     benchmark image is decoded once, and every number equals that of a separate pass per mode (the
     capacity factor is lowered to 0.5 so that the training-capacity routing drops tokens and differs)."""
     from limoe_ds.data import DataConfig, Tokenizer, benchmarks, build_eval_loader
-    from limoe_ds.eval.run import capacity, caption_retrieval, embed_pairs, evaluate, zero_shot
+    from limoe_ds.eval.run import caption_retrieval, embed_pairs, evaluate, zero_shot
     from limoe_ds.model import build_model
     tok = Tokenizer.from_file(str(MINI / "tokenizer.json"))
     model = build_model("tiny", seed=3).eval()
@@ -325,14 +325,14 @@ def test_one_walk_serves_both_routings_like_two_separate_passes(bench, monkeypat
     assert sorted(decoded) == sorted([p for p, _ in classes.files] + coco.images)  # each image once
     want = {}
     for mode, cf in (("dropless", None), ("train_cf", 0.5)):
-        with capacity(model, cf):
-            img, txt, loss, pairs = embed_pairs(model, val(), max_batches=2)
-            want[f"{mode}/val/contrastive"], want[f"{mode}/val/pairs"] = loss, pairs
-            want.update({f"{mode}/retrieval/{k}": v for k, v in metrics.retrieval_metrics(img, txt).items()})
-            want.update({f"{mode}/zeroshot/imagenet/{k}": v for k, v in
-                         zero_shot(model, classes, tok, dp_rank=0, dp_size=1).items()})
-            want.update({f"{mode}/retrieval/coco/{k}": v for k, v in
-                         caption_retrieval(model, coco, tok, dp_rank=0, dp_size=1).items()})
+        one = {mode: cf}  # a separate pass per routing mode
+        img, txt, loss, pairs = embed_pairs(model, val(), max_batches=2, modes=one)[mode]
+        want[f"{mode}/val/contrastive"], want[f"{mode}/val/pairs"] = loss, pairs
+        want.update({f"{mode}/retrieval/{k}": v for k, v in metrics.retrieval_metrics(img, txt).items()})
+        want.update({f"{mode}/zeroshot/imagenet/{k}": v for k, v in
+                     zero_shot(model, classes, tok, dp_rank=0, dp_size=1, modes=one)[mode].items()})
+        want.update({f"{mode}/retrieval/coco/{k}": v for k, v in
+                     caption_retrieval(model, coco, tok, dp_rank=0, dp_size=1, modes=one)[mode].items()})
     assert got == want and list(got) == list(want)
     assert got["dropless/val/contrastive"] != got["train_cf/val/contrastive"]
 

@@ -45,12 +45,12 @@ def test_image_and_text_tokens_share_one_routing_pool():
     images, tokens = _batch(model.cfg)
     out = model(images, tokens)
     n_real_text = int((tokens != 0).sum())
-    for i in (1, 3):
-        s = out.routing_stats
-        assert s[f"moe/layer{i}/image/routed_per_expert"].sum().item() == 4 * 16  # B * patches
-        assert s[f"moe/layer{i}/text/routed_per_expert"].sum().item() == n_real_text
+    assert [s.layer for s in out.routing] == [1, 3]
+    for s in out.routing:
+        assert s.routed_ME[0].sum().item() == 4 * 16  # image: B * patches
+        assert s.routed_ME[1].sum().item() == n_real_text
         # C = ceil(1.0 * B * (I + T) / E) = ceil(4 * 32 / 4) = 32: padding slots count, padding is not routed
-        assert s[f"moe/layer{i}/capacity"].item() == 32
+        assert s.capacity == 32
 
 
 def test_joint_pool_makes_modalities_compete_for_capacity():
@@ -63,8 +63,8 @@ def test_joint_pool_makes_modalities_compete_for_capacity():
     with torch.no_grad():  # bias the layer-1 router so both modalities prefer expert 0
         model.blocks[1].ffn.gate.wg.weight[0] += 0.5
     images, tokens = _batch(cfg, lengths=(16, 16, 16, 16))
-    joint = model(images, tokens).routing_stats["moe/layer1/text/kept_per_expert"].sum()
-    alone = model(None, tokens).routing_stats["moe/layer1/text/kept_per_expert"].sum()
+    joint = model(images, tokens).routing[0].kept_ME[1].sum()  # layer 1, text
+    alone = model(None, tokens).routing[0].kept_ME[1].sum()
     assert alone > joint
 
 

@@ -41,8 +41,8 @@ def test_layer_equals_loop_reference_forward_and_grad(training, batch_priority, 
     x, types = _pool(S, seed=S)
     x1 = x.clone().requires_grad_(True)
     torch.manual_seed(99)
-    y, routing = layer(x1, types)
-    capacity = routing.capacity
+    y, routing, stats = layer(x1, types)
+    capacity = stats.capacity
     # The layer's only random draw is the router noise: regenerate it from the same seed.
     torch.manual_seed(99)
     noise = torch.randn(S, E) * (1.0 / E) if training else None
@@ -68,8 +68,8 @@ def test_layer_equals_loop_reference_forward_and_grad(training, batch_priority, 
 def test_dropped_and_padding_tokens_output_exactly_zero():
     layer = _layer(capacity_factor=0.25)  # C = ceil(0.25 * 40 / 4) = 3 -> 4 slots per expert
     x, types = _pool(40, seed=3)
-    y, routing = layer(x, types)
-    assert routing.capacity == 4
+    y, routing, stats = layer(x, types)
+    assert stats.capacity == 4
     dropped = ~routing.kept_N
     assert dropped.sum() > (types == TOKEN_PAD).sum(), "some real tokens must be dropped"
     assert torch.count_nonzero(y[dropped]) == 0
@@ -78,13 +78,13 @@ def test_dropped_and_padding_tokens_output_exactly_zero():
 
 def test_padding_changes_nothing_at_fixed_capacity():
     layer = _layer(noise_std=0.0)
-    layer.gate.capacity = lambda num_slots: 4  # fixed capacity for both pools
+    layer.static_capacity = lambda num_slots, capacity_factor: 4  # fixed capacity for both pools
     x, types = _pool(30, seed=11, pad_frac=0.0)
-    y, r = layer(x, types)
+    y, r, _ = layer(x, types)
     pad_x = torch.randn(12, D) * 10
     x2 = torch.cat([x[:10], pad_x[:6], x[10:], pad_x[6:]])
     t2 = torch.cat([types[:10], torch.zeros(6, dtype=torch.long), types[10:], torch.zeros(6, dtype=torch.long)])
-    y2, r2 = layer(x2, t2)
+    y2, r2, _ = layer(x2, t2)
     real = t2 != TOKEN_PAD
     assert torch.equal(y2[real], y)
     assert torch.equal(r2.kept_N[real], r.kept_N)
@@ -98,13 +98,13 @@ def test_capacity_counts_padding_slots_so_ranks_agree():
     x, _ = _pool(48, seed=1)
     few_pads = torch.tensor([TOKEN_IMAGE] * 32 + [TOKEN_TEXT] * 14 + [TOKEN_PAD] * 2)
     many_pads = torch.tensor([TOKEN_IMAGE] * 32 + [TOKEN_TEXT] * 3 + [TOKEN_PAD] * 13)
-    assert layer(x, few_pads)[1].capacity == layer(x, many_pads)[1].capacity == 12  # ceil(48/4)
+    assert layer(x, few_pads)[2].capacity == layer(x, many_pads)[2].capacity == 12  # ceil(48/4)
 
 
 def test_router_math_is_float32_in_bf16_model():
     layer = _layer().to(torch.bfloat16)
     x, types = _pool(32, seed=2)
-    y, routing = layer(x.to(torch.bfloat16), types)
+    y, routing, _ = layer(x.to(torch.bfloat16), types)
     assert y.dtype == torch.bfloat16
     assert routing.combine_N.dtype == torch.float32
     assert all(v.dtype == torch.float32 for v in routing.aux.values())
@@ -113,14 +113,14 @@ def test_router_math_is_float32_in_bf16_model():
 def test_eval_is_dropless_by_default():
     layer = _layer(capacity_factor=0.25).eval()
     x, types = _pool(64, seed=4)
-    _, routing = layer(x, types)
+    _, routing, _ = layer(x, types)
     assert torch.equal(routing.kept_N, types != TOKEN_PAD)
 
 
 def test_l_aux_is_the_sum_of_named_losses():
     layer = _layer()
     x, types = _pool(40, seed=8)
-    _, routing = layer(x, types)
+    _, routing, _ = layer(x, types)
     assert len(routing.aux) == 6
     torch.testing.assert_close(layer.deepspeed_moe.l_aux, sum(routing.aux.values()))
 
@@ -140,8 +140,8 @@ def test_capacity_is_a_multiple_of_tp_for_deepspeeds_token_split(tp, multiple):
     step = math.lcm(multiple, tp)
     for S in (1, 7, 37, 100):
         layer.train()
-        assert layer.gate.capacity(S) % step == 0
+        assert layer.static_capacity(S, layer.capacity_factor()) % step == 0
         layer.eval()
         x, types = _pool(S, seed=S, pad_frac=0.0)
-        _, routing = layer(x, types)
-        assert routing.capacity % step == 0 and routing.capacity >= int(routing.kept_N.sum() > 0)
+        _, routing, stats = layer(x, types)
+        assert stats.capacity % step == 0 and stats.capacity >= int(routing.kept_N.sum() > 0)

@@ -30,11 +30,10 @@ from limoe_ds.eval.figures import modality_chart, patch_overlay  # noqa: E402
 def analyze(model, loader, *, sample_images: int = 8) -> tuple[dict, dict[int, torch.Tensor], torch.Tensor]:
     """(summary, {layer index: expert ids [n, patches] of the first images}, those images); the same
     dropless validation pass as the in-training evaluation (eval.run.embed_pairs)."""
-    from limoe_ds.eval.run import RoutingRecord, capacity, embed_pairs
+    from limoe_ds.eval.run import RoutingRecord, embed_pairs
     record = RoutingRecord(sample_images=sample_images)
     model.eval()
-    with capacity(model, None):
-        embed_pairs(model, loader, record=record)
+    embed_pairs(model, loader, record=record, modes={"dropless": None})
     return record.summary(), record.experts_BI, record.images_BCHW
 
 

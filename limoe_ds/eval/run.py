@@ -23,6 +23,9 @@ import torch.distributed as dist
 
 from limoe_ds.data.errors import SKIP_REASONS
 from limoe_ds import parallel
+from limoe_ds.moe.layer import CONFIGURED
+from limoe_ds.parallel import collectives
+from limoe_ds.parallel.collectives import any_rank, distributed
 from limoe_ds.eval import metrics
 from limoe_ds.losses import contrastive_loss
 from limoe_ds.moe import stats
@@ -35,14 +38,7 @@ def _group():
 
 
 def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(_group()) > 1
-
-
-def _any_rank(flag: bool, device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if _dist():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_group())
-    return t.item() > 0
+    return distributed(_group())
 
 
 def lockstep(batches: Iterable, device, make_dummy: Callable[[], object]) -> Iterator[tuple[object, bool]]:
@@ -50,49 +46,25 @@ def lockstep(batches: Iterable, device, make_dummy: Callable[[], object]) -> Ite
     it = iter(batches)
     while True:
         batch = next(it, None)
-        if not _any_rank(batch is not None, device):
+        if not any_rank(batch is not None, _group()):
             return
         yield (batch, True) if batch is not None else (make_dummy(), False)
 
 
 def gather_rows(x_NK: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's rows in rank order (ranks may hold different numbers of rows)."""
-    if not _dist():
-        return x_NK
-    n = torch.tensor([x_NK.shape[0]], device=x_NK.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size(_group()))]
-    dist.all_gather(sizes, n, group=_group())
-    width = int(max(s.item() for s in sizes))
-    padded = x_NK.new_zeros((width, *x_NK.shape[1:]))
-    padded[:x_NK.shape[0]] = x_NK
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded, group=_group())
-    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
-
-
-@contextlib.contextmanager
-def capacity(model, capacity_factor: float | None):
-    """Route evaluation passes with this capacity factor (None = dropless)."""
-    moe = model.cfg.moe
-    if moe is None:
-        yield
-        return
-    old, moe.eval_capacity_factor = moe.eval_capacity_factor, capacity_factor  # the gates share this object
-    try:
-        yield
-    finally:
-        moe.eval_capacity_factor = old
+    """Every data-parallel rank's rows in rank order (ranks may hold different numbers of rows)."""
+    return collectives.gather_rows(x_NK, _group())
 
 
 Modes = dict[str, float | None] | None  # mode name -> capacity factor (None: dropless)
 
 
-def _runs(model, modes) -> list[tuple[str, Callable]]:
-    """[(mode, context)] for each routing mode (capacity factor; None = dropless); ``modes=None``:
-    one pass under the model's current setting, keyed ''."""
+def _runs(modes) -> list[tuple[str, object]]:
+    """[(mode, capacity factor)] for each routing mode (None = dropless); ``modes=None``: one pass at
+    the model's configured routing (``CONFIGURED``), keyed ''."""
     if modes is None:
-        return [("", contextlib.nullcontext)]
-    return [(mode, functools.partial(capacity, model, cf)) for mode, cf in modes.items()]
+        return [("", CONFIGURED)]
+    return list(modes.items())
 
 
 def _result(results: dict, modes):
@@ -119,7 +91,7 @@ class RoutingRecord:
     went to (local forward hooks, no communication; 0 = none, e.g. on ranks that draw nothing)."""
 
     sample_images: int = 0
-    totals: dict[str, torch.Tensor] = field(default_factory=dict)
+    totals: stats.Totals = field(default_factory=dict)
     images_BCHW: torch.Tensor | None = None
     experts_BI: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -128,9 +100,8 @@ class RoutingRecord:
         return stats.summarize(self.totals)
 
     def add(self, out, real: bool) -> None:
-        # A dummy pass adds zeros, so every rank holds the same keys for the sum.
-        stats.accumulate(self.totals, out.routing_stats if real else
-                               {k: torch.zeros_like(v) for k, v in out.routing_stats.items()})
+        # A dummy pass adds zeros, so every rank holds the same layers for the sum.
+        stats.accumulate(self.totals, out.routing if real else [s.zeros_like() for s in out.routing])
 
     def take_sample(self, images_BCHW: torch.Tensor, expert_S: dict[int, torch.Tensor], patches: int) -> None:
         """Keep the first images and their patches' experts (the pool holds image tokens first)."""
@@ -141,7 +112,7 @@ class RoutingRecord:
 
 
 def _capture(store: dict[int, torch.Tensor], index: int, _module, _inputs, output) -> None:
-    store[index] = output[1].expert_N.detach()  # LIMoELayer -> (y, Routing)
+    store[index] = output[1].expert_N.detach()  # LIMoELayer -> (y, Routing, RoutingStats)
 
 
 @contextlib.contextmanager
@@ -157,21 +128,6 @@ def expert_choices(model, enabled: bool = True) -> Iterator[dict[int, torch.Tens
             h.remove()
 
 
-def sum_routing_over_ranks(totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Routing counts summed over ranks, capacities their max (two all-reduces, sorted keys)."""
-    if not _dist() or not totals:
-        return totals
-    out = dict(totals)
-    for op, keys in ((dist.ReduceOp.SUM, sorted(k for k in totals if not k.endswith("/capacity"))),
-                     (dist.ReduceOp.MAX, sorted(k for k in totals if k.endswith("/capacity")))):
-        if keys:
-            flat = torch.cat([totals[k].reshape(-1).double() for k in keys])
-            dist.all_reduce(flat, op=op, group=_group())
-            out.update({k: v.view_as(totals[k]).float()
-                        for k, v in zip(keys, flat.split([totals[k].numel() for k in keys]))})
-    return out
-
-
 @torch.no_grad()
 def embed_pairs(model, loader, *, max_batches: int = 0, record: RoutingRecord | None = None,
                 modes: Modes = None):
@@ -179,7 +135,7 @@ def embed_pairs(model, loader, *, max_batches: int = 0, record: RoutingRecord | 
     contrastive loss over all pairs and the number of pairs; with ``modes``, {mode: that tuple}
     from one walk over the loader. ``record`` (see RoutingRecord) is filled by the first mode."""
     device = _device(model)
-    runs = _runs(model, modes)
+    runs = _runs(modes)
     imgs = {m: [] for m, _ in runs}
     txts = {m: [] for m, _ in runs}
     loss_sum = {m: torch.zeros(2, dtype=torch.float64, device=device) for m, _ in runs}
@@ -188,9 +144,8 @@ def embed_pairs(model, loader, *, max_batches: int = 0, record: RoutingRecord | 
             if max_batches and n >= max_batches:
                 break  # every rank reaches the same n: lockstep
             images, tokens = batch["images"].to(device), batch["tokens"].to(device)
-            for m, under in runs:
-                with under():
-                    out = model(images, tokens)
+            for m, cf in runs:
+                out = model(images, tokens, cf)
                 if record is not None and m == runs[0][0]:  # before another mode's pass moves the hooks
                     record.add(out, real)
                     if real and experts and record.images_BCHW is None:
@@ -202,7 +157,7 @@ def embed_pairs(model, loader, *, max_batches: int = 0, record: RoutingRecord | 
                     loss = contrastive_loss(out.image_emb, out.text_emb, out.logit_scale).item()
                     loss_sum[m] += torch.tensor([loss * B, B], dtype=torch.float64, device=device)
     if record is not None:
-        record.totals = sum_routing_over_ranks(record.totals)
+        record.totals = stats.sum_over_ranks(record.totals, _group())
     K = model.cfg.embed_dim
     results = {}
     for m, _ in runs:
@@ -216,19 +171,20 @@ def embed_pairs(model, loader, *, max_batches: int = 0, record: RoutingRecord | 
 
 
 @torch.no_grad()
-def embed_texts(model, tokenizer, texts: list[str], *, batch_size: int = 256) -> torch.Tensor:
+def embed_texts(model, tokenizer, texts: list[str], *, batch_size: int = 256,
+                capacity_factor=CONFIGURED) -> torch.Tensor:
     """Every rank embeds the same texts (same number of passes on every rank)."""
     device = _device(model)
     out = []
     for i in range(0, len(texts), batch_size):
         tokens = tokenizer.encode_batch(texts[i:i + batch_size], model.cfg.text_len).to(device)
-        out.append(model.encode_text(tokens).float())
+        out.append(model.encode_text(tokens, capacity_factor).float())
     return torch.cat(out)
 
 
 @torch.no_grad()
 def embed_texts_split(model, tokenizer, texts: list[str], *, dp_rank: int, dp_size: int,
-                      batch_size: int = 256) -> torch.Tensor:
+                      batch_size: int = 256, capacity_factor=CONFIGURED) -> torch.Tensor:
     """Each rank embeds its contiguous share of the texts; gathered in rank order = text order."""
     from limoe_ds.data.benchmarks import rank_share
     device = _device(model)
@@ -239,7 +195,7 @@ def embed_texts_split(model, tokenizer, texts: list[str], *, dp_rank: int, dp_si
     for chunk, real in lockstep(batches, device, lambda: None):
         tokens = (tokenizer.encode_batch(chunk, model.cfg.text_len) if real else
                   torch.ones(1, model.cfg.text_len, dtype=torch.long))
-        emb = model.encode_text(tokens.to(device)).float()
+        emb = model.encode_text(tokens.to(device), capacity_factor).float()
         if real:
             out.append(emb)
     return gather_rows(torch.cat(out) if out else torch.zeros(0, model.cfg.embed_dim, device=device))
@@ -262,14 +218,13 @@ def zero_shot(model, zs, tokenizer, *, dp_rank: int, dp_size: int, batch_size: i
     ``zs``: a ZeroShotSet or a benchmarks.ClassFolderSet (no seen/unseen split). With ``modes``,
     {mode: metrics}, each image decoded once."""
     device = _device(model)
-    runs = _runs(model, modes)
+    runs = _runs(modes)
     prompts = zs.prompts()  # [C][T]
     C, T = len(prompts), len(prompts[0])
     classifier_CK = {}
-    for m, under in runs:
-        with under():
-            classifier_CK[m] = metrics.zero_shot_classifier(
-                embed_texts(model, tokenizer, [p for ps in prompts for p in ps]).view(C, T, -1))
+    for m, cf in runs:
+        classifier_CK[m] = metrics.zero_shot_classifier(
+            embed_texts(model, tokenizer, [p for ps in prompts for p in ps], capacity_factor=cf).view(C, T, -1))
     c = model.cfg
     split = bool(zs.seen_classes or zs.unseen_classes)
     # top1, top5, n, seen top1, seen n, unseen top1 (C-way), unseen top1 among the unseen names only, skipped
@@ -283,9 +238,8 @@ def zero_shot(model, zs, tokenizer, *, dp_rank: int, dp_size: int, batch_size: i
         images, labels = images.to(device), labels.to(device)
         is_seen = torch.isin(labels, seen)
         n = torch.tensor(float(len(labels)), dtype=torch.float64, device=device)
-        for m, under in runs:
-            with under():
-                image_emb = model.encode_image(images)
+        for m, cf in runs:
+            image_emb = model.encode_image(images, cf)
             if not real:
                 continue
             correct = metrics.topk_correct(image_emb, classifier_CK[m], labels)
@@ -318,13 +272,12 @@ def embed_images(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], mo
     """(images, ids) batches of this rank -> every rank's (image_emb [N, K], ids [N]) in rank order;
     with ``modes``, {mode: that pair}, each batch read once."""
     device = _device(model)
-    runs = _runs(model, modes)
+    runs = _runs(modes)
     embs, ids = {m: [] for m, _ in runs}, []
     for (images, idx), real in lockstep(batches, device, lambda: _dummy_labelled_image(model)):
         images = images.to(device)
-        for m, under in runs:
-            with under():
-                emb = model.encode_image(images).float()
+        for m, cf in runs:
+            emb = model.encode_image(images, cf).float()
             if real:
                 embs[m].append(emb)
         if real:
@@ -350,11 +303,10 @@ def caption_retrieval(model, cs, tokenizer, *, dp_rank: int, dp_size: int, batch
     if _dist():
         dist.all_reduce(skipped, group=_group())
     results = {}
-    for m, under in _runs(model, modes):
+    for m, cf in _runs(modes):
         img_NK, image_id_N = images[m]
-        with under():
-            txt_MK = embed_texts_split(model, tokenizer, cs.captions, dp_rank=dp_rank, dp_size=dp_size,
-                                       batch_size=batch_size)
+        txt_MK = embed_texts_split(model, tokenizer, cs.captions, dp_rank=dp_rank, dp_size=dp_size,
+                                   batch_size=batch_size, capacity_factor=cf)
         position = torch.full((len(cs.images),), -1, dtype=torch.long, device=device)
         position[image_id_N] = torch.arange(len(image_id_N), device=device)
         target_M = position[torch.tensor(cs.image_of_caption, dtype=torch.long, device=device)]

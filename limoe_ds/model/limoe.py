@@ -23,8 +23,9 @@ import torch.utils.checkpoint
 from torch import nn
 
 from limoe_ds.config.model import ModelConfig
-from limoe_ds.moe.layer import MLP, LIMoELayer
+from limoe_ds.moe.layer import CONFIGURED, MLP, LIMoELayer
 from limoe_ds.moe.routing import TOKEN_IMAGE, TOKEN_PAD, TOKEN_TEXT, Routing
+from limoe_ds.moe.stats import RoutingStats, aux_key
 from limoe_ds.parallel.tp_plan import TensorParallel, tp_partition, tp_shard
 
 
@@ -38,8 +39,8 @@ class LIMoEOutput:
     """exp(t), a scalar with grad."""
     aux_losses: dict[str, torch.Tensor]
     """Weighted auxiliary losses, e.g. 'moe/layer3/text/global_entropy'; the step sums them."""
-    routing_stats: dict[str, torch.Tensor]
-    """Detached counts per layer, e.g. 'moe/layer3/text/kept_per_expert' ([E])."""
+    routing: list[RoutingStats]
+    """Each MoE layer's routing counts and capacity, in block order."""
 
 
 class Attention(nn.Module):
@@ -76,29 +77,29 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.width)
         self.is_moe = cfg.is_moe_layer(index)
         # experts are replicated over tp ranks (each computes 1/tp of the capacity slots)
-        self.ffn = (LIMoELayer(cfg.width, cfg.mlp_dim, cfg.moe, ep_size=ep_size, tp_size=tp.size) if self.is_moe
-                    else MLP(cfg.width, cfg.mlp_dim, tp))
+        self.ffn = (LIMoELayer(cfg.width, cfg.mlp_dim, cfg.moe, ep_size=ep_size, tp_size=tp.size, index=index)
+                    if self.is_moe else MLP(cfg.width, cfg.mlp_dim, tp))
 
-    def forward(self, img_BID: torch.Tensor, txt_BTD: torch.Tensor,
-                txt_valid_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Routing | None]:
+    def forward(self, img_BID: torch.Tensor, txt_BTD: torch.Tensor, txt_valid_BT: torch.Tensor,
+                capacity_factor=CONFIGURED) -> tuple[torch.Tensor, torch.Tensor, Routing | None, RoutingStats | None]:
         img_BID = img_BID + self.attn(self.ln1(img_BID), None)
         txt_BTD = txt_BTD + self.attn(self.ln1(txt_BTD), txt_valid_BT)
         h_img, h_txt = self.ln2(img_BID), self.ln2(txt_BTD)
         if not self.is_moe:
-            return img_BID + self.ffn(h_img), txt_BTD + self.ffn(h_txt), None
-        y_img, y_txt, routing = self._moe(h_img, h_txt, txt_valid_BT)
-        return img_BID + y_img, txt_BTD + y_txt, routing
+            return img_BID + self.ffn(h_img), txt_BTD + self.ffn(h_txt), None, None
+        y_img, y_txt, routing, stats = self._moe(h_img, h_txt, txt_valid_BT, capacity_factor)
+        return img_BID + y_img, txt_BTD + y_txt, routing, stats
 
-    def _moe(self, h_img_BID, h_txt_BTD, txt_valid_BT):
+    def _moe(self, h_img_BID, h_txt_BTD, txt_valid_BT, capacity_factor):
         """Canonical pool order: all image tokens (sample by sample), then all text tokens."""
         (B_i, I, D), (B_t, T, _) = h_img_BID.shape, h_txt_BTD.shape
         pool_SD = torch.cat([h_img_BID.reshape(B_i * I, D), h_txt_BTD.reshape(B_t * T, D)])
         type_S = torch.cat([
             torch.full((B_i * I,), TOKEN_IMAGE, dtype=torch.long, device=pool_SD.device),
             torch.where(txt_valid_BT.reshape(-1), TOKEN_TEXT, TOKEN_PAD)])
-        y_SD, routing = self.ffn(pool_SD, type_S)
+        y_SD, routing, stats = self.ffn(pool_SD, type_S, capacity_factor)
         y_img, y_txt = y_SD.split([B_i * I, B_t * T])
-        return y_img.view(B_i, I, D), y_txt.view(B_t, T, D), routing
+        return y_img.view(B_i, I, D), y_txt.view(B_t, T, D), routing, stats
 
 
 class MAPHead(nn.Module):
@@ -160,18 +161,18 @@ class LIMoEModel(nn.Module):
         return self.token_embed(tokens_BT) + self.text_pos, tokens_BT != self.cfg.pad_id
 
     # -- tower ----------------------------------------------------------------------------------
-    def _tower(self, img_BID, txt_BTD, txt_valid_BT):
-        aux, stats = {}, {}
+    def _tower(self, img_BID, txt_BTD, txt_valid_BT, capacity_factor):
+        aux, stats = {}, []
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
-                img_BID, txt_BTD, routing = torch.utils.checkpoint.checkpoint(
-                    block, img_BID, txt_BTD, txt_valid_BT, use_reentrant=False, preserve_rng_state=True)
+                img_BID, txt_BTD, routing, layer_stats = torch.utils.checkpoint.checkpoint(
+                    block, img_BID, txt_BTD, txt_valid_BT, capacity_factor, use_reentrant=False,
+                    preserve_rng_state=True)
             else:
-                img_BID, txt_BTD, routing = block(img_BID, txt_BTD, txt_valid_BT)
+                img_BID, txt_BTD, routing, layer_stats = block(img_BID, txt_BTD, txt_valid_BT, capacity_factor)
             if routing is not None:
-                prefix = f"moe/layer{block.index}/"
-                aux.update({prefix + k: v for k, v in routing.aux.items()})
-                stats.update({prefix + k: v for k, v in routing.stats.items()})
+                aux.update({aux_key(block.index, term): v for term, v in routing.aux.items()})
+                stats.append(layer_stats)
         return self.final_ln(img_BID), self.final_ln(txt_BTD), aux, stats
 
     def _pool(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor, which: str) -> torch.Tensor:
@@ -180,8 +181,12 @@ class LIMoEModel(nn.Module):
         w = valid_BT.to(x_BTD.dtype)[..., None]
         return (x_BTD * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
 
-    def forward(self, images_BCHW: torch.Tensor | None, tokens_BT: torch.Tensor | None) -> LIMoEOutput:
-        """Embed a batch of images and/or captions; either may be None (then routed alone)."""
+    def forward(self, images_BCHW: torch.Tensor | None, tokens_BT: torch.Tensor | None,
+                capacity_factor=CONFIGURED) -> LIMoEOutput:
+        """Embed a batch of images and/or captions; either may be None (then routed alone).
+
+        ``capacity_factor``: how the MoE layers route this pass: a float, None = dropless, or
+        CONFIGURED (``moe.capacity_factor`` in training mode, ``moe.eval_capacity_factor`` in eval)."""
         if images_BCHW is None and tokens_BT is None:
             raise ValueError("forward needs images, tokens, or both")
         img_BID = (self.embed_images(images_BCHW) if images_BCHW is not None
@@ -191,19 +196,19 @@ class LIMoEModel(nn.Module):
         else:
             txt_BTD = self.text_pos.new_zeros(0, self.cfg.text_len, self.cfg.width)
             txt_valid_BT = torch.zeros(0, self.cfg.text_len, dtype=torch.bool, device=txt_BTD.device)
-        img_BID, txt_BTD, aux, stats = self._tower(img_BID, txt_BTD, txt_valid_BT)
+        img_BID, txt_BTD, aux, stats = self._tower(img_BID, txt_BTD, txt_valid_BT, capacity_factor)
         img_valid_BI = torch.ones(img_BID.shape[:2], dtype=torch.bool, device=img_BID.device)
         image_emb = F.normalize(self.image_head(self._pool(img_BID, img_valid_BI, "image")), dim=-1)
         text_emb = F.normalize(self.text_head(self._pool(txt_BTD, txt_valid_BT, "text")), dim=-1)
         return LIMoEOutput(image_emb, text_emb, self.logit_scale[0].exp(), aux, stats)
 
-    def encode_image(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, images_BCHW: torch.Tensor, capacity_factor=CONFIGURED) -> torch.Tensor:
         """L2-normalised image embeddings [B, K]."""
-        return self(images_BCHW, None).image_emb
+        return self(images_BCHW, None, capacity_factor).image_emb
 
-    def encode_text(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+    def encode_text(self, tokens_BT: torch.Tensor, capacity_factor=CONFIGURED) -> torch.Tensor:
         """L2-normalised text embeddings [B, K]."""
-        return self(None, tokens_BT).text_emb
+        return self(None, tokens_BT, capacity_factor).text_emb
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:

@@ -2,13 +2,12 @@
 
 We keep DeepSpeed's ``MoE`` wrapper (so the engine finds the layer, builds expert-parallel groups
 and splits expert parameters for ZeRO), its ``Experts`` container and its ``MOELayer`` sparse
-dispatch and all-to-all, and replace only the gate: ``LIMoEGate`` is a thin adapter around the
-pure function ``limoe_ds.moe.routing.route_top1``.
-
-DeepSpeed's ``MOELayer.forward(x, used_token)`` hands ``used_token`` to the gate untouched; we pass
-the pool's token types there (0 = padding, 1 = image, 2 = text) so the gate knows each token's
-modality. The gate keeps the last ``Routing`` for ``LIMoELayer.forward`` to return (read once and
-cleared, right after the call, the same way DeepSpeed itself hands back ``l_aux``).
+dispatch and all-to-all, and replace only the gate. ``LIMoELayer.forward`` routes the pool first
+(the pure ``limoe_ds.moe.routing.route_top1``, with the capacity decided in ONE place,
+``LIMoELayer.capacity``), then hands the decision to DeepSpeed's ``MOELayer`` through the argument
+DeepSpeed passes to its gate untouched (``used_token``); ``LIMoEGate`` only turns it into
+DeepSpeed's dispatch tuple. The routing and its statistics come back by return value:
+``y, routing, stats = layer(x, token_types)``.
 
 Legend: S tokens in the pool (image patches, then text positions), D model width, E experts.
 """
@@ -34,6 +33,8 @@ with contextlib.redirect_stdout(sys.stderr):
 
 from limoe_ds.config.model import MoEConfig
 from limoe_ds.moe.routing import Routing, expert_capacity, route_top1
+from limoe_ds.moe.stats import RoutingStats
+from limoe_ds.parallel.collectives import max_over_ranks
 from limoe_ds.parallel.tp_plan import TensorParallel
 
 
@@ -50,82 +51,63 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class LIMoEGate(nn.Module):
-    """DeepSpeed 0.19.8 gate interface around ``route_top1``.
+class _Configured:
+    def __repr__(self) -> str:
+        return "CONFIGURED"
 
-    forward(input_SD, token_type_S, sparse_routes, use_tutel) returns DeepSpeed's sparse 7-tuple
-    (l_aux, capacity, num_experts, indices_1S (-1 = dropped), locations_1S, gates_1S, exp_counts_E).
+
+CONFIGURED = _Configured()
+"""Route at the configured capacity factor: ``moe.capacity_factor`` in training mode,
+``moe.eval_capacity_factor`` in eval mode (None there = dropless)."""
+
+
+class LIMoEGate(nn.Module):
+    """The router weights, and DeepSpeed 0.19.8's gate interface for a routing decided beforehand.
+
+    forward(input_SD, (routing, capacity), sparse_routes, use_tutel) returns DeepSpeed's sparse
+    7-tuple (l_aux, capacity, num_experts, indices_1S (-1 = dropped), locations_1S, gates_1S,
+    exp_counts_E). l_aux (which DeepSpeed keeps as ``MOELayer.l_aux``) is the sum of the weighted
+    auxiliary losses; ours travel with the routing (``Routing.aux``) and are summed in the step.
     """
 
-    def __init__(self, width: int, cfg: MoEConfig, *, tp_size: int = 1) -> None:
+    def __init__(self, width: int, cfg: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.wg = nn.Linear(width, cfg.num_experts, bias=False)
-        # DeepSpeed splits the capacity dimension across TP ranks, so C must divide by tp.
-        self.capacity_multiple_of = math.lcm(cfg.capacity_multiple_of, tp_size)
         self.ep_group: dist.ProcessGroup | None = None
-        self.last_routing: Routing | None = None
 
     def _set_ep_group(self, ep_group: dist.ProcessGroup) -> None:
         self.ep_group = ep_group
 
-    def capacity(self, num_slots: int) -> int | None:
-        """Static capacity from the pool's slot count (padding included), None = dropless.
-
-        Counting padding slots keeps C identical on every expert-parallel rank for equal
-        micro-batches, which the all-to-all needs, without communication.
-        """
-        cf = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
-        if cf is None:
-            return None
-        return expert_capacity(num_slots, self.cfg.num_experts, cf, multiple_of=self.capacity_multiple_of)
-
-    def forward(self, input_SD: torch.Tensor, token_type_S: torch.Tensor, sparse_routes: bool = True,
+    def forward(self, input_SD: torch.Tensor, decided: tuple[Routing, int], sparse_routes: bool = True,
                 use_tutel: bool = False):
         if not sparse_routes or use_tutel:
             raise ValueError("LIMoEGate supports DeepSpeed's sparse dispatch only (use_tutel=False)")
+        routing, capacity = decided
         E = self.cfg.num_experts
-        logits_SE = F.linear(input_SD.float(), self.wg.weight.float())  # router math in fp32
-        noise_SE = None
-        if self.training and self.cfg.noise_std > 0:
-            noise_SE = torch.randn_like(logits_SE) * (self.cfg.noise_std / E)  # V-MoE: N(0, (sigma/E)^2)
-        routing = route_top1(logits_SE, token_type_S, self.cfg, capacity=self.capacity(input_SD.shape[0]),
-                             noise_NE=noise_SE)
-        capacity = self._agree_on_capacity(routing.capacity)
-        routing.capacity = capacity
-        self.last_routing = routing
         kept_S = routing.kept_N
         indices_1S = torch.where(kept_S, routing.expert_N, -1).to(torch.int32)[None]
         locations_1S = torch.where(kept_S, routing.position_N, 0).to(torch.int32)[None]
-        l_aux = sum(routing.aux.values(), logits_SE.new_zeros(()))
         exp_counts_E = torch.zeros(E, dtype=torch.int64, device=kept_S.device).scatter_add_(
             0, routing.expert_N.clamp(min=0), kept_S.long())
+        l_aux = sum(routing.aux.values(), routing.combine_N.new_zeros(()))
         return l_aux, capacity, E, indices_1S, locations_1S, routing.combine_N[None], exp_counts_E
-
-    def _agree_on_capacity(self, capacity: int) -> int:
-        """Every rank of the expert-parallel group must use the same C for the all-to-all.
-
-        In training C comes from the static slot count (equal micro-batches), so no
-        communication. In evaluation batches can differ (the last one) and dropless C is the
-        largest load: take the MAX over the group.
-        """
-        m = self.capacity_multiple_of
-        capacity = -(-capacity // m) * m
-        if not self.training and self.ep_group is not None and dist.get_world_size(self.ep_group) > 1:
-            c = torch.tensor([capacity], dtype=torch.int64, device=self.wg.weight.device)
-            dist.all_reduce(c, op=dist.ReduceOp.MAX, group=self.ep_group)
-            capacity = int(c.item())
-        return capacity
 
 
 class LIMoELayer(MoE):
-    """A DeepSpeed ``MoE`` whose gate is ``LIMoEGate``; the engine recognises it as an MoE layer."""
+    """A DeepSpeed ``MoE`` whose gate is ``LIMoEGate``; the engine recognises it as an MoE layer.
 
-    def __init__(self, width: int, mlp_dim: int, cfg: MoEConfig, *, ep_size: int = 1, tp_size: int = 1) -> None:
+    ``index`` is the block index (it names the layer's statistics); ``tp_size``: DeepSpeed splits the
+    capacity dimension across tensor-parallel ranks, so capacities are multiples of it."""
+
+    def __init__(self, width: int, mlp_dim: int, cfg: MoEConfig, *, ep_size: int = 1, tp_size: int = 1,
+                 index: int = 0) -> None:
         nn.Module.__init__(self)  # MoE.__init__ would build a stock TopKGate; set its fields here
         if cfg.num_experts % ep_size:
             raise ValueError(f"moe.num_experts={cfg.num_experts} is not divisible by the expert-parallel "
                              f"size {ep_size}; choose an ep size that divides it")
+        self.cfg, self.index = cfg, index
+        self.capacity_multiple_of = math.lcm(cfg.capacity_multiple_of, tp_size)
         self.use_residual = False
         self.enable_expert_tensor_parallelism = False
         self.ep_size = ep_size
@@ -133,15 +115,59 @@ class LIMoELayer(MoE):
         self.num_experts = cfg.num_experts
         self.num_local_experts = cfg.num_experts // ep_size
         experts = Experts(MLP(width, mlp_dim), self.num_local_experts, self.expert_group_name)
-        self.deepspeed_moe = MOELayer(LIMoEGate(width, cfg, tp_size=tp_size), experts, self.expert_group_name,
+        self.deepspeed_moe = MOELayer(LIMoEGate(width, cfg), experts, self.expert_group_name,
                                       ep_size, self.num_local_experts)
 
     @property
     def gate(self) -> LIMoEGate:
         return self.deepspeed_moe.gate
 
-    def forward(self, x_SD: torch.Tensor, token_type_S: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+    def capacity_factor(self, capacity_factor=CONFIGURED) -> float | None:
+        if capacity_factor is CONFIGURED:
+            return self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
+        return capacity_factor
+
+    def static_capacity(self, num_slots: int, capacity_factor: float | None) -> int | None:
+        """Slots per expert from the pool's slot count (padding included), None = dropless.
+
+        Counting padding slots keeps C identical on every expert-parallel rank for equal
+        micro-batches, which the all-to-all needs, without communication.
+        """
+        if capacity_factor is None:
+            return None
+        return expert_capacity(num_slots, self.cfg.num_experts, capacity_factor, multiple_of=self.capacity_multiple_of)
+
+    def capacity(self, static: int | None, routing: Routing) -> int:
+        """THE capacity of this pass: the static one, or dropless the largest expert load, rounded up
+        to the multiple DeepSpeed's tensor-parallel split needs.
+
+        Every rank of the expert-parallel group must use the same C for the all-to-all. In training
+        C comes from the static slot count (equal micro-batches), so no communication. In evaluation
+        batches can differ (the last one) and dropless C is the largest load: take the MAX over the
+        group.
+        """
+        m = self.capacity_multiple_of
+        capacity = -(-(routing.max_load() if static is None else static) // m) * m
+        if not self.training and self.gate.ep_group is not None:
+            capacity = max_over_ranks(capacity, self.gate.ep_group)
+        return capacity
+
+    def route(self, x_SD: torch.Tensor, token_type_S: torch.Tensor, capacity_factor=CONFIGURED
+              ) -> tuple[Routing, int]:
+        """The routing of the pool (router math in float32; V-MoE's noise N(0, (sigma/E)^2) in
+        training) and the capacity its dispatch uses."""
+        E = self.cfg.num_experts
+        logits_SE = F.linear(x_SD.float(), self.gate.wg.weight.float())
+        noise_SE = None
+        if self.training and self.cfg.noise_std > 0:
+            noise_SE = torch.randn_like(logits_SE) * (self.cfg.noise_std / E)
+        static = self.static_capacity(x_SD.shape[0], self.capacity_factor(capacity_factor))
+        routing = route_top1(logits_SE, token_type_S, self.cfg, capacity=static, noise_NE=noise_SE)
+        return routing, self.capacity(static, routing)
+
+    def forward(self, x_SD: torch.Tensor, token_type_S: torch.Tensor, capacity_factor=CONFIGURED
+                ) -> tuple[torch.Tensor, Routing, RoutingStats]:
         """Route the pool; dropped and padding tokens get exactly 0 (they pass on the residual)."""
-        y_SD = self.deepspeed_moe(x_SD, token_type_S)
-        routing, self.gate.last_routing = self.gate.last_routing, None
-        return y_SD, routing
+        routing, capacity = self.route(x_SD, token_type_S, capacity_factor)
+        y_SD = self.deepspeed_moe(x_SD, (routing, capacity))
+        return y_SD, routing, RoutingStats.of(self.index, routing, capacity)

@@ -1,11 +1,12 @@
 """Top-1 routing with Batch Priority Routing and LIMoE's auxiliary losses, as pure functions.
 
 No process groups, no module state: ``route_top1`` maps router logits, token types and a capacity
-to an assignment, the weighted auxiliary losses and detached statistics. The DeepSpeed gate in
-``limoe_ds.moe.gate`` is a thin adapter around it. References: ../shared/LIMOE_SPEC.md; V-MoE
-(google-research/vmoe, vmoe/nn/routing.py); LIMoE (arXiv 2206.02770).
+to an assignment, the weighted auxiliary losses and detached counts (a ``Routing``). The DeepSpeed
+layer in ``limoe_ds.moe.layer`` calls it and hands the assignment to DeepSpeed's dispatch.
+References: ../shared/LIMOE_SPEC.md; V-MoE (google-research/vmoe, vmoe/nn/routing.py); LIMoE
+(arXiv 2206.02770).
 
-Legend: N tokens in the routing pool, E experts.
+Legend: N tokens in the routing pool, E experts, M modalities (image, text).
 """
 
 from __future__ import annotations
@@ -81,12 +82,6 @@ def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return -(p * torch.log(p.clamp(min=torch.finfo(p.dtype).tiny))).sum(dim=dim)
 
 
-def importance_loss(probs_NE: torch.Tensor, valid_N: torch.Tensor) -> torch.Tensor:
-    """V-MoE importance loss: imp_e = sum_i p_i[e] over valid tokens (clean p); (std/mean)^2."""
-    importance_E = (probs_NE * valid_N[:, None].to(probs_NE.dtype)).sum(dim=0)
-    return _cv_squared(importance_E)
-
-
 def load_loss(logits_NE: torch.Tensor, noisy_logits_NE: torch.Tensor, noise_std: float,
               valid_N: torch.Tensor) -> torch.Tensor:
     """V-MoE load loss: P(i,e) = 1 - Phi((thr_i - l_i[e]) / noise_std), thr_i = top-1 noisy logit.
@@ -105,19 +100,6 @@ def load_loss(logits_NE: torch.Tensor, noisy_logits_NE: torch.Tensor, noise_std:
     return _cv_squared(load_E)
 
 
-def local_entropy_loss(probs_NE: torch.Tensor, mask_N: torch.Tensor) -> torch.Tensor:
-    """LIMoE local entropy: mean over the masked tokens of H(p_i) (low = confident routing)."""
-    return _masked_mean(entropy(probs_NE), mask_N)
-
-
-def global_entropy_loss(probs_NE: torch.Tensor, mask_N: torch.Tensor, threshold: float) -> torch.Tensor:
-    """LIMoE thresholded global entropy: max(0, tau - H(mean_i p_i)) over the masked tokens."""
-    m_N1 = mask_N[:, None].to(probs_NE.dtype)
-    mean_probs_E = (probs_NE * m_N1).sum(dim=0) / m_N1.sum().clamp(min=1.0)
-    loss = torch.clamp(threshold - entropy(mean_probs_E), min=0.0)
-    return torch.where(mask_N.any(), loss, torch.zeros_like(loss))  # no tokens of m: no loss
-
-
 def z_loss(logits_NE: torch.Tensor, valid_N: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss: mean over valid tokens of logsumexp(l)^2."""
     return _masked_mean(torch.logsumexp(logits_NE, dim=-1) ** 2, valid_N)
@@ -125,7 +107,7 @@ def z_loss(logits_NE: torch.Tensor, valid_N: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Routing:
-    """The outcome of routing one pool of N tokens."""
+    """The outcome of routing one pool of N tokens (before a capacity is agreed for dropless routing)."""
 
     expert_N: torch.Tensor
     """Chosen expert, -1 for padding."""
@@ -135,11 +117,20 @@ class Routing:
     """True for tokens that got a slot (dropped and padding tokens: False)."""
     combine_N: torch.Tensor
     """Combine weight p~_i[e_i] for kept tokens (not renormalised), 0 otherwise; float32, with grad."""
-    capacity: int
     aux: dict[str, torch.Tensor]
-    """Weighted auxiliary losses, keyed e.g. 'importance', 'text/global_entropy'."""
-    stats: dict[str, torch.Tensor]
-    """Detached statistics: counts per modality and expert, raw (unweighted) entropies."""
+    """Weighted auxiliary losses by term: 'importance', 'load', 'z_loss', 'text/global_entropy', ..."""
+    routed_ME: torch.Tensor
+    """Detached counts from here on: tokens of modality m whose top-1 expert is e."""
+    kept_ME: torch.Tensor
+    """Tokens of modality m that got a slot at expert e."""
+    token_entropy_sum_M: torch.Tensor
+    """Sum over the modality's tokens of the (clean) router entropy H(p_i)."""
+    probs_sum_ME: torch.Tensor
+    """Sum over the modality's tokens of the (clean) router probabilities."""
+
+    def max_load(self) -> int:
+        """The most tokens any expert was given (the capacity dropless routing needs), at least 1."""
+        return max(int(self.position_N.max().item()) + 1 if self.position_N.numel() else 0, 1)
 
 
 def route_top1(logits_NE: torch.Tensor, token_type_N: torch.Tensor, cfg: MoEConfig, *,
@@ -148,11 +139,10 @@ def route_top1(logits_NE: torch.Tensor, token_type_N: torch.Tensor, cfg: MoEConf
 
     logits_NE: router logits (float32 is required; the caller computes x W_r in float32).
     token_type_N: TOKEN_PAD / TOKEN_IMAGE / TOKEN_TEXT. capacity: slots per expert, None =
-    dropless (the capacity reported is then the largest expert load, at least 1;
-    the caller rounds it). noise_NE: the training noise added to the logits, None in eval.
+    dropless (every token kept; ``Routing.max_load`` is what the buffers need). noise_NE: the
+    training noise added to the logits, None in eval.
     """
     assert logits_NE.dtype == torch.float32, "router math must run in float32"
-    N, E = logits_NE.shape
     valid_N = token_type_N != TOKEN_PAD
     noisy_logits_NE = logits_NE if noise_NE is None else logits_NE + noise_NE
     probs_NE = torch.softmax(logits_NE, dim=-1)
@@ -162,22 +152,20 @@ def route_top1(logits_NE: torch.Tensor, token_type_N: torch.Tensor, cfg: MoEConf
                                                batch_priority=cfg.batch_priority)
     gate_N = noisy_probs_NE.gather(1, expert_N.clamp(min=0)[:, None]).squeeze(1)
     combine_N = gate_N * kept_N.to(gate_N.dtype)
-    if capacity is None:
-        capacity = max(int(position_N.max().item()) + 1 if N else 0, 1)
-
-    aux, stats = _losses_and_stats(cfg, logits_NE, noisy_logits_NE, probs_NE, token_type_N, expert_N, kept_N,
-                                   noisy=noise_NE is not None)
-    stats["capacity"] = torch.tensor(float(capacity))
-    return Routing(expert_N, position_N, kept_N, combine_N, capacity, aux, stats)
+    aux, counts = _losses_and_stats(cfg, logits_NE, noisy_logits_NE, probs_NE, token_type_N, expert_N, kept_N,
+                                    noisy=noise_NE is not None)
+    return Routing(expert_N, position_N, kept_N, combine_N, aux, **counts)
 
 
 def _losses_and_stats(cfg: MoEConfig, logits_NE, noisy_logits_NE, probs_NE, token_type_N, expert_N, kept_N, *,
                       noisy: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Weighted aux losses (a term whose weight is 0 is left out) and detached counts.
+    """Weighted aux losses (a term whose weight is 0 is left out) and detached counts per modality.
 
-    The same definitions as importance_loss / local_entropy_loss / global_entropy_loss above
-    (tests compare them), computed for both modalities at once: one [M, N] modality matrix times
-    the per-token quantities, so each [N, E] pass happens once.
+    V-MoE's importance loss ((std/mean)^2 of the summed clean probabilities), LIMoE's local entropy
+    (mean H(p_i) over a modality's tokens) and thresholded global entropy (max(0, tau_m - H(mean_i
+    p_i))), computed for both modalities at once: one [M, N] modality matrix times the per-token
+    quantities, so each [N, E] pass happens once (tests/slow_reference.py has the one-loss-at-a-time
+    definitions that the tests compare against).
     """
     E = logits_NE.shape[-1]
     valid_N = token_type_N != TOKEN_PAD
@@ -207,12 +195,6 @@ def _losses_and_stats(cfg: MoEConfig, logits_NE, noisy_logits_NE, probs_NE, toke
     # Counts (not ratios) so that batches and ranks can be summed before dividing.
     with torch.no_grad():
         chosen_NE = F.one_hot(expert_N.clamp(min=0), E).to(probs_NE.dtype)
-        routed_ME = masks_MN @ chosen_NE
-        kept_ME = masks_MN @ (chosen_NE * kept_N[:, None])
-        stats: dict[str, torch.Tensor] = {}
-        for i, m in enumerate(MODALITIES):
-            stats[f"{m}/routed_per_expert"] = routed_ME[i]
-            stats[f"{m}/kept_per_expert"] = kept_ME[i]
-            stats[f"{m}/token_entropy_sum"] = entropy_sum_M[i].detach()
-            stats[f"{m}/probs_sum"] = probs_sum_ME[i].detach()
-    return aux, stats
+        counts = {"routed_ME": masks_MN @ chosen_NE, "kept_ME": masks_MN @ (chosen_NE * kept_N[:, None]),
+                  "token_entropy_sum_M": entropy_sum_M.detach(), "probs_sum_ME": probs_sum_ME.detach()}
+    return aux, counts

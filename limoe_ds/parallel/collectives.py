@@ -1,7 +1,10 @@
-"""Collectives over the data-parallel ranks: sums of counts, "any rank" flags, the communication device.
+"""The collectives the stack uses, one helper each: sums of counts, "any rank" flags, a maximum,
+gathering rows of different lengths, and the device collective tensors live on.
 
-Tensor-parallel peers hold the same samples, so sums run over the data-parallel group
-(``limoe_ds.parallel.groups.data_parallel_group``) and peers are counted once.
+Every helper is a no-op (returns its input) without a process group or on a group of one rank.
+``group=None`` is the whole world; sums of per-sample quantities run over the data-parallel group
+(``limoe_ds.parallel.groups.data_parallel_group()``), because tensor-parallel peers hold the same
+samples and must be counted once.
 """
 
 from __future__ import annotations
@@ -11,13 +14,7 @@ import torch.distributed as dist
 
 from limoe_ds.parallel import groups as parallel
 
-
-def all_finite(t: torch.Tensor) -> bool:
-    """True iff ``t`` is finite on EVERY rank (so that all ranks skip a step together)."""
-    flag = torch.tensor([0.0 if torch.isfinite(t).all() else 1.0], device=t.device)
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
 def comm_device() -> torch.device:
@@ -25,11 +22,50 @@ def comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def distributed(group=None) -> bool:
+    """True when ``group`` (None: the world) has more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """True on every rank of ``group`` when ``flag`` is True on any of them (one MAX all-reduce of
+    one element), so that all ranks take the same branch (skip a step, stop, end a loop)."""
+    if not distributed(group):
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.item() > 0
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True iff ``t`` is finite on EVERY rank (so that all ranks skip a step together)."""
+    return not any_rank(not bool(torch.isfinite(t).all()))
+
+
+def max_over_ranks(value: int, group=None) -> int:
+    """The largest ``value`` over the ranks of ``group``."""
+    if not distributed(group):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
+
+
+def all_reduce_tensors(tensors: list[torch.Tensor], group=None, op: str = "sum") -> list[torch.Tensor]:
+    """Element-wise ``op`` ("sum" or "max") of each tensor over the ranks of ``group``, in ONE
+    all-reduce of their float64 concatenation; returned as float32, in the given order (every rank
+    must pass the same shapes in the same order)."""
+    if not distributed(group) or not tensors:
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1).double() for t in tensors]).to(comm_device())
+    dist.all_reduce(flat, op=_OPS[op], group=group)
+    return [v.view_as(t).float() for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
 def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Element-wise sum of a {name: number} dict over the data-parallel ranks (one all-reduce);
-    tensor-parallel peers hold the same samples and are counted once."""
+    """Element-wise sum of a {name: number} dict over the data-parallel ranks (one all-reduce)."""
     group = parallel.data_parallel_group()
-    if not dist.is_initialized() or dist.get_world_size(group) == 1 or not values:
+    if not distributed(group) or not values:
         return dict(values)
     keys = sorted(values)  # the same order on every rank, whatever each dict's insertion order
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=comm_device())
@@ -39,5 +75,21 @@ def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Mean over the data-parallel ranks."""
-    world = dist.get_world_size(parallel.data_parallel_group()) if dist.is_initialized() else 1
+    group = parallel.data_parallel_group()
+    world = dist.get_world_size(group) if distributed(group) else 1
     return {k: v / world for k, v in sum_over_ranks(values).items()}
+
+
+def gather_rows(x_NK: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate every rank's rows in rank order (ranks may hold different numbers of rows)."""
+    if not distributed(group):
+        return x_NK
+    n = torch.tensor([x_NK.shape[0]], device=x_NK.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, n, group=group)
+    width = int(max(s.item() for s in sizes))
+    padded = x_NK.new_zeros((width, *x_NK.shape[1:]))
+    padded[:x_NK.shape[0]] = x_NK
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])

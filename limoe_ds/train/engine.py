@@ -32,6 +32,7 @@ from limoe_ds.parallel.collectives import all_finite
 from limoe_ds import parallel
 from limoe_ds.runtime import shm
 from limoe_ds.model.limoe import LIMoEModel, MAPHead
+from limoe_ds.moe.stats import RoutingStats
 
 
 def init_distributed() -> None:
@@ -127,7 +128,7 @@ class StepResult:
     loss: float
     contrastive: float
     aux: dict[str, float]
-    routing_stats: dict[str, torch.Tensor]
+    routing: list[RoutingStats]
 
 
 def train_step(engine, batch: dict[str, torch.Tensor]) -> StepResult:
@@ -138,11 +139,11 @@ def train_step(engine, batch: dict[str, torch.Tensor]) -> StepResult:
                                             group=parallel.data_parallel_group())
     loss = contrastive + sum(out.aux_losses.values())
     if not all_finite(loss.detach()):
-        return StepResult(True, float("nan"), float("nan"), {}, out.routing_stats)
+        return StepResult(True, float("nan"), float("nan"), {}, out.routing)
     engine.backward(loss)
     engine.step()
     engine.module.clamp_logit_scale_()
     # one device-to-host copy for all the logged losses, not one per loss
     total, contr, *aux = torch.stack([loss.detach(), contrastive.detach(),
                                       *(v.detach().float() for v in out.aux_losses.values())]).tolist()
-    return StepResult(False, total, contr, dict(zip(out.aux_losses, aux)), out.routing_stats)
+    return StepResult(False, total, contr, dict(zip(out.aux_losses, aux)), out.routing)

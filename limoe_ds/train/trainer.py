@@ -98,7 +98,7 @@ class Window:
 
     steps: int = 0
     losses: dict[str, float] = field(default_factory=dict)
-    routing: dict[str, torch.Tensor] = field(default_factory=dict)
+    routing: stats.Totals = field(default_factory=dict)
     t0: float = field(default_factory=time.perf_counter)
 
     def add(self, r) -> None:
@@ -106,22 +106,15 @@ class Window:
         for k, v in {"loss/total": r.loss, "loss/contrastive": r.contrastive,
                      **{f"aux/{k}": v for k, v in r.aux.items()}}.items():
             self.losses[k] = self.losses.get(k, 0.0) + v
-        stats.accumulate(self.routing, r.routing_stats)
+        stats.accumulate(self.routing, r.routing)
 
 
-def routing_scalars(routing: dict[str, torch.Tensor]) -> dict[str, float]:
+def routing_scalars(routing: stats.Totals) -> dict[str, float]:
     """Sum routing counts over data-parallel ranks (tensor-parallel peers route the same tokens),
     then per layer/modality success rate and dropped tokens."""
-    if dist.is_initialized() and routing:
-        from limoe_ds import parallel
-        from limoe_ds.parallel.collectives import comm_device
-        keys = sorted(k for k in routing if not k.endswith("/capacity"))
-        flat = torch.cat([routing[k].reshape(-1) for k in keys]).double().to(comm_device())  # NCCL: on the GPU
-        dist.all_reduce(flat, group=parallel.data_parallel_group())
-        sizes = [routing[k].numel() for k in keys]
-        routing = {**routing, **{k: v.view_as(routing[k]).float() for k, v in zip(keys, flat.split(sizes))}}
+    from limoe_ds import parallel
     out = {}
-    for layer, s in stats.summarize(routing).items():
+    for layer, s in stats.summarize(stats.sum_over_ranks(routing, parallel.data_parallel_group())).items():
         for m in ("image", "text"):
             out[f"routing/{layer}/{m}/success_rate"] = s[m]["success_rate"]
             out[f"routing/{layer}/{m}/dropped_tokens"] = s[m]["dropped_tokens"]
