@@ -61,8 +61,8 @@ def _engine_worker(rank, world, ckpt_dir: str):
     layout = parallel.Layout(rank=rank, world_size=world, ep=cfg.parallel.expert_parallel_size,
                              tp=cfg.parallel.tensor_parallel_size)
     parallel.setup(layout)
-    model = build_model(cfg.model, ep_size=layout.ep, ep_rank=layout.ep_rank, seed=123,  # overwritten by the load
-                        tp=parallel.TensorParallel(layout.tp, layout.tp_rank))
+    model = parallel.parallelize(build_model(cfg.model, ep_size=layout.ep, ep_rank=layout.ep_rank,
+                                             seed=123), layout)  # weights overwritten by the load
     engine, _ = build_engine(model, cfg.deepspeed)
     checkpoint.load(engine, Path(ckpt_dir))
     engine.optimizer._lazy_init_hp_params_optimizer_state()  # DeepSpeed links Adam's state at the first step
@@ -218,7 +218,8 @@ def test_reshard_ep2_to_1_to_2_and_to_tp2_keeps_adam_state_and_the_loss_curve(ep
 def test_a_resharding_rank_reads_only_the_dense_parameters_and_its_own_experts(ep2_run):
     """Reshard's memory: rank e of the target expert-parallel layout keeps the dense parameters and
     experts e*n .. e*n+n-1 (experts_of), with the same values as the whole state."""
-    from limoe_ds.checkpoint.convert import EXPERT_PREFIX, read_full_state
+    from limoe_ds.checkpoint.convert import read_full_state
+    from limoe_ds.moe.names import EXPERT_PREFIX
     from limoe_ds.checkpoint.reshard import experts_of
     from limoe_ds.config.run import model_config
     full = read_full_state(ep2_run)

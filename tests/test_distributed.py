@@ -105,6 +105,15 @@ def _noise_seed(step: int, dp_rank: int) -> int:
     return 7919 * step + dp_rank  # router noise of this step's routing pool on this data-parallel rank
 
 
+def _routing_tensors(routing) -> dict:
+    """Each MoE layer's counts and capacity as named tensors (for bitwise comparisons)."""
+    out = {}
+    for s in routing:
+        out.update({f"layer{s.layer}/{k}": t.clone() for k, t in zip(("routed", "kept", "entropy", "probs"), s.counts())})
+        out[f"layer{s.layer}/capacity"] = torch.tensor(s.capacity)
+    return out
+
+
 def _global_name(name: str, ep_rank: int, num_local: int) -> str:
     return re.sub(r"deepspeed_experts\.(\d+)\.",
                   lambda m: f"deepspeed_experts.{ep_rank * num_local + int(m.group(1))}.", name)
@@ -136,8 +145,7 @@ def _layout_worker(rank, world, layouts):
     for tp, ep, stage, clip in layouts:
         layout = parallel.Layout(rank=rank, world_size=world, ep=ep, tp=tp)
         parallel.setup(layout)
-        model = build_model(cfg, ep_size=ep, ep_rank=layout.ep_rank, seed=0,
-                            tp=parallel.TensorParallel(tp, layout.tp_rank))
+        model = parallel.parallelize(build_model(cfg, ep_size=ep, ep_rank=layout.ep_rank, seed=0), layout)
         num_local = cfg.moe.num_experts // ep
         init = {_global_name(n, layout.ep_rank, num_local): p.detach().clone() for n, p in model.named_parameters()}
         tagged = {n: (p.partition_dim, p.partition_stride) for n, p in model.named_parameters()
@@ -165,7 +173,7 @@ def _layout_worker(rank, world, layouts):
             engine.module.clamp_logit_scale_()
             norm = engine.get_global_grad_norm()  # None under ZeRO 0 (DeepSpeed does not record it)
             steps.append({"loss": loss.item(), "grads": grads, "norm": None if norm is None else float(norm),
-                          "routing": {k: v.clone() for k, v in out.routing_stats.items()}})
+                          "routing": _routing_tensors(out.routing)})
         params = {_global_name(n, layout.ep_rank, num_local): p.detach().clone()
                   for n, p in engine.module.named_parameters()}
         results[(tp, ep, stage, clip)] = {"steps": steps, "params": params, "tp_rank": layout.tp_rank,

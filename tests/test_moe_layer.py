@@ -135,8 +135,10 @@ def test_capacity_is_a_multiple_of_tp_for_deepspeeds_token_split(tp, multiple):
     """DeepSpeed splits the capacity slots over tensor-parallel ranks (drop_tokens): C % tp == 0,
     also in dropless evaluation, where C is the largest expert load."""
     import math
+    from limoe_ds.parallel.tp_plan import moe_capacity_multiple
     layer = LIMoELayer(D, H, MoEConfig(num_experts=4, layers=(0,), capacity_multiple_of=multiple,
-                                       eval_capacity_factor=None), tp_size=tp)
+                                       eval_capacity_factor=None))
+    layer.capacity_multiple_of = moe_capacity_multiple(multiple, tp)  # what tp_plan.apply sets
     step = math.lcm(multiple, tp)
     for S in (1, 7, 37, 100):
         layer.train()

@@ -75,3 +75,17 @@ def test_strided_shard_gives_each_rank_its_own_heads_q_k_v():
     assert torch.equal(tp_unshard(parts, 0, 3), full)
     cols = [tp_shard(full, 1, 1, 3, r) for r in range(3)]
     assert torch.equal(tp_unshard(cols, 1, 1), full) and cols[1].shape == (3 * H * Dh, 1)
+
+
+def test_every_entry_of_the_tp_plan_names_linears_of_the_model():
+    from torch import nn
+    from limoe_ds.model import build_model
+    from limoe_ds.parallel.tp_plan import TP_PLAN, style_of
+    model = build_model("tiny", device="meta")
+    planned = {name: m for name, m in model.named_modules() if style_of(name) is not None}
+    # 4 blocks: qkv + proj each; fc1 + fc2 only in the dense blocks 0 and 2 (1 and 3 are MoE)
+    assert sorted(planned) == sorted([f"blocks.{i}.attn.{k}" for i in range(4) for k in ("qkv", "proj")]
+                                     + [f"blocks.{i}.ffn.{k}" for i in (0, 2) for k in ("fc1", "fc2")])
+    assert all(isinstance(m, nn.Linear) for m in planned.values())
+    for key in TP_PLAN:
+        assert any(style_of(name) is TP_PLAN[key] for name in planned), key

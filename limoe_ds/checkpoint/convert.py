@@ -32,10 +32,10 @@ from typing import Any, Callable
 import torch
 
 from limoe_ds.checkpoint import io as checkpoint
+from limoe_ds.moe.names import EXPERT_PREFIX, global_expert_name, is_expert, split_expert_name
 from limoe_ds.parallel.layout import Layout
 from limoe_ds.parallel.tp_plan import tp_partition, tp_unshard
 
-EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
 
 
 class CheckpointError(ValueError):
@@ -86,24 +86,6 @@ def _zero_file(ckpt_dir: Path, dp_rank: int, tp_rank: int) -> Path:
     name = f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt"
     bf16 = ckpt_dir / f"bf16_{name}"
     return bf16 if bf16.is_file() else ckpt_dir / name
-
-
-def _split_expert(name: str) -> tuple[str, int, str] | None:
-    """'blocks.1.ffn.<EXPERT_PREFIX>3.fc1.weight' -> ('blocks.1.ffn.', 3, 'fc1.weight'); None for a
-    dense parameter."""
-    head, sep, tail = name.partition(EXPERT_PREFIX)
-    if not sep:
-        return None
-    index, _, rest = tail.partition(".")
-    return head, int(index), rest
-
-
-def _global_expert_name(name: str, ep_rank: int, num_local: int) -> str:
-    parts = _split_expert(name)
-    if parts is None:
-        return name
-    head, local, rest = parts
-    return f"{head}{EXPERT_PREFIX}{ep_rank * num_local + local}.{rest}"
 
 
 class _Flat:
@@ -197,7 +179,7 @@ def _zero12_parts(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg, 
                 if offset + n > flat["fp32"].numel():
                     raise CheckpointError(f"{ckpt_dir}: optimizer group {g} holds {flat['fp32'].numel()} values, "
                                           f"fewer than its parameters need; a shard is truncated or from another run")
-                gname = _global_expert_name(name, key, num_local) if is_moe else name
+                gname = global_expert_name(name, key, num_local) if is_moe else name
                 if keep is not None and not keep(gname):
                     offset += n
                     continue
@@ -243,7 +225,7 @@ def _zero0_parts(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg, n
     model = build_model(model_cfg, device="meta", ep_size=layout.ep, ep_rank=0)
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for group in param_groups(model) for p in group["params"]]
-    heads = [parts[0] for n in names.values() if (parts := _split_expert(n)) is not None]
+    heads = [parts[0] for n in names.values() if (parts := split_expert_name(n)) is not None]
     moe_layer = {h: i for i, h in enumerate(dict.fromkeys(heads))}
     for e in range(layout.ep):
         for t in range(layout.tp):
@@ -257,8 +239,8 @@ def _zero0_parts(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg, n
                                       f"model config has {len(order)}; the file is from another run or optimizer")
             master = [p for group in saved["fp32_groups"] for p in group] if bf16 else None
             for i, name in enumerate(order):
-                expert = EXPERT_PREFIX in name
-                gname = _global_expert_name(name, e, num_local)
+                expert = is_expert(name)
+                gname = global_expert_name(name, e, num_local)
                 if (expert and t != 0) or (not expert and e != 0) or (keep is not None and not keep(gname)):
                     continue
                 state = opt["state"].get(i)
@@ -280,7 +262,7 @@ def _zero0_module_weight(ckpt_dir: Path, lane: dict, gname: str, t: int, moe_lay
                          cache: dict[Path, dict]) -> torch.Tensor:
     """An fp32 ZeRO-0 run's weight as saved with the module: dense ones in mp_rank_TT, each expert in
     layer_L_expert_X_mp_rank_TT.pt (L numbers the MoE layers in model order, X is the global index)."""
-    parts = _split_expert(gname)
+    parts = split_expert_name(gname)
     if parts is None:
         if gname not in lane["module"]:
             raise CheckpointError(f"{ckpt_dir}/mp_rank_{t:02d}_model_states.pt has no {gname}")

@@ -15,7 +15,8 @@ from typing import Any, Callable
 import torch
 
 from limoe_ds.checkpoint import io as checkpoint
-from limoe_ds.checkpoint.convert import CheckpointError, FullState, _global_expert_name, _split_expert, read_full_state
+from limoe_ds.checkpoint.convert import CheckpointError, FullState, read_full_state
+from limoe_ds.moe.names import global_expert_name, split_expert_name
 from limoe_ds.runtime.launch_env import free_port
 
 
@@ -53,7 +54,7 @@ def experts_of(ep_rank: int, num_local: int) -> Callable[[str], bool]:
     lo = ep_rank * num_local
 
     def keep(name: str) -> bool:
-        parts = _split_expert(name)
+        parts = split_expert_name(name)
         return parts is None or lo <= parts[1] < lo + num_local
     return keep
 
@@ -78,10 +79,10 @@ def reshard_rank(rank: int, world: int, src: str, out: str, tp: int, ep: int) ->
     state = read_full_state(src_dir, keep=experts_of(layout.ep_rank, num_local))
     parallel.setup(layout)
     # on the CPU, not meta: DeepSpeed tags expert parameters at construction (to_empty would drop the tags)
-    model = build_model(cfg.model, ep_size=ep, ep_rank=layout.ep_rank, tp=parallel.TensorParallel(tp, layout.tp_rank))
+    model = parallel.parallelize(build_model(cfg.model, ep_size=ep, ep_rank=layout.ep_rank), layout)
 
     def local(full: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        gname = _global_expert_name(name, layout.ep_rank, num_local)
+        gname = global_expert_name(name, layout.ep_rank, num_local)
         split = parallel.tp_partition(gname) if tp > 1 else None
         value = full[gname]
         return value if split is None else parallel.tp_shard(value, *split, tp, layout.tp_rank)

@@ -1,10 +1,9 @@
 """LIMoE: one transformer tower shared by images and text, with sparse MoE feed-forward layers.
 
 A plain single-device ``nn.Module``: parallelism (process groups, DeepSpeed) is applied
-elsewhere. The only layout facts the model takes are ``ep_size``/``ep_rank`` (how many experts
-this rank holds, and which) and ``tp`` (a ``limoe_ds.parallel.TensorParallel`` that builds the
-attention and dense-MLP linears: plain ``nn.Linear`` at tp=1, megatron-core's otherwise), so that
-initialisation gives the same full model whatever the layout.
+elsewhere; tensor parallelism by ``limoe_ds.parallel.tp_plan.apply`` from outside. The only layout
+facts the model takes are ``ep_size``/``ep_rank`` (how many experts this rank holds, and which, in
+DeepSpeed's expert container), so that initialisation gives the same full model whatever the layout.
 
 Legend: B batch, I image patches, T text positions, D width, S routing pool (B*I + B*T), K
 shared embedding width.
@@ -13,7 +12,6 @@ shared embedding width.
 from __future__ import annotations
 
 import math
-import re
 import zlib
 from dataclasses import dataclass
 
@@ -25,8 +23,8 @@ from torch import nn
 from limoe_ds.config.model import ModelConfig
 from limoe_ds.moe.layer import CONFIGURED, MLP, LIMoELayer
 from limoe_ds.moe.routing import TOKEN_IMAGE, TOKEN_PAD, TOKEN_TEXT, Routing
+from limoe_ds.moe.names import split_expert_name
 from limoe_ds.moe.stats import RoutingStats, aux_key
-from limoe_ds.parallel.tp_plan import TensorParallel, tp_partition, tp_shard
 
 
 @dataclass
@@ -44,19 +42,19 @@ class LIMoEOutput:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; with tensor parallelism each rank holds num_heads / tp heads
-    (qkv column-parallel with its rows as [3, heads, head_dim], proj row-parallel)."""
+    """Multi-head self-attention. qkv's rows are [3, heads, head_dim]; the heads a rank holds follow
+    from qkv's width (all of them here, 1/tp of them once the tensor-parallel plan split qkv's rows)."""
 
-    def __init__(self, width: int, num_heads: int, tp: TensorParallel = TensorParallel()) -> None:
+    def __init__(self, width: int, num_heads: int) -> None:
         super().__init__()
-        self.num_heads = num_heads // tp.size  # local heads
         self.head_dim = width // num_heads
-        self.qkv = tp.column(width, 3 * width, stride=3)
-        self.proj = tp.row(width, width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
 
     def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None) -> torch.Tensor:
         B, T, D = x_BTD.shape
-        H, Dh = self.num_heads, self.head_dim
+        Dh = self.head_dim
+        H = self.qkv.weight.shape[0] // (3 * Dh)  # the heads this rank holds
         q, k, v = self.qkv(x_BTD).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4)
         mask = None
         if valid_BT is not None:
@@ -69,16 +67,15 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-LN block shared by both modalities; a MoE block routes both modalities in ONE pool."""
 
-    def __init__(self, cfg: ModelConfig, index: int, ep_size: int, tp: TensorParallel = TensorParallel()) -> None:
+    def __init__(self, cfg: ModelConfig, index: int, ep_size: int) -> None:
         super().__init__()
         self.index = index
         self.ln1 = nn.LayerNorm(cfg.width)
-        self.attn = Attention(cfg.width, cfg.num_heads, tp)
+        self.attn = Attention(cfg.width, cfg.num_heads)
         self.ln2 = nn.LayerNorm(cfg.width)
         self.is_moe = cfg.is_moe_layer(index)
-        # experts are replicated over tp ranks (each computes 1/tp of the capacity slots)
-        self.ffn = (LIMoELayer(cfg.width, cfg.mlp_dim, cfg.moe, ep_size=ep_size, tp_size=tp.size, index=index)
-                    if self.is_moe else MLP(cfg.width, cfg.mlp_dim, tp))
+        self.ffn = (LIMoELayer(cfg.width, cfg.mlp_dim, cfg.moe, ep_size=ep_size, index=index)
+                    if self.is_moe else MLP(cfg.width, cfg.mlp_dim))
 
     def forward(self, img_BID: torch.Tensor, txt_BTD: torch.Tensor, txt_valid_BT: torch.Tensor,
                 capacity_factor=CONFIGURED) -> tuple[torch.Tensor, torch.Tensor, Routing | None, RoutingStats | None]:
@@ -122,19 +119,17 @@ class MAPHead(nn.Module):
 class LIMoEModel(nn.Module):
     """One-tower LIMoE. ``forward(images, tokens)`` is the training forward."""
 
-    def __init__(self, cfg: ModelConfig, *, ep_size: int = 1, ep_rank: int = 0,
-                 tp: TensorParallel = TensorParallel()) -> None:
+    def __init__(self, cfg: ModelConfig, *, ep_size: int = 1, ep_rank: int = 0) -> None:
         super().__init__()
-        for what, n in (("num_heads", cfg.num_heads), ("mlp_dim", cfg.mlp_dim)):
-            if n % tp.size:
-                raise ValueError(f"tensor_parallel_size={tp.size} does not divide {what}={n}")
-        self.cfg, self.ep_size, self.ep_rank, self.tp = cfg, ep_size, ep_rank, tp
+        self.cfg, self.ep_size, self.ep_rank = cfg, ep_size, ep_rank
+        self.tp_degree = 1
+        """Tensor-parallel ranks this model is split over (set by limoe_ds.parallel.tp_plan.apply)."""
         D = cfg.width
         self.patch_embed = nn.Conv2d(cfg.channels, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.image_pos = nn.Parameter(torch.empty(1, cfg.num_patches, D))
         self.token_embed = nn.Embedding(cfg.vocab_size, D)
         self.text_pos = nn.Parameter(torch.empty(1, cfg.text_len, D))
-        self.blocks = nn.ModuleList(Block(cfg, i, ep_size, tp) for i in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(cfg, i, ep_size) for i in range(cfg.depth))
         self.final_ln = nn.LayerNorm(D)
         if cfg.pooling == "map":
             self.image_pool = MAPHead(D, cfg.num_heads, cfg.mlp_dim)
@@ -219,34 +214,23 @@ class LIMoEModel(nn.Module):
         return [b.ffn for b in self.blocks if b.is_moe]
 
 
-_EXPERT_RE = re.compile(r"deepspeed_experts\.(\d+)\.")
-
-
 @torch.no_grad()
 def init_weights(model: LIMoEModel, seed: int) -> None:
     """Initialise every parameter from its own generator, seeded by (seed, global name).
 
-    Expert parameters are named by their GLOBAL expert index and tensor-parallel parameters are
-    drawn whole and then cut (``limoe_ds.parallel.tp_shard``), so the same seed gives the same full
-    model whatever the expert- and tensor-parallel layout (runs comparable, checkpoints convertible).
+    Expert parameters are named by their GLOBAL expert index, so the same seed gives the same full
+    model whatever the expert-parallel layout; tensor parallelism shards the initialised full weights
+    afterwards (``limoe_ds.parallel.tp_plan.apply``). Runs are comparable and checkpoints convertible.
     """
     cfg = model.cfg
     num_local = cfg.moe.num_experts // model.ep_size if cfg.moe else 1
     for mod_name, mod in model.named_modules():
-        for p_name, param in mod.named_parameters(recurse=False):
-            if param.is_meta:
+        for p_name, p in mod.named_parameters(recurse=False):
+            if p.is_meta:
                 continue
-            full_name = f"{mod_name}.{p_name}"
-            split = tp_partition(full_name) if model.tp.size > 1 else None
-            p = param
-            if split is not None:  # draw the full tensor, keep this rank's part
-                dim, stride = split
-                shape = list(param.shape)
-                shape[dim] *= model.tp.size
-                p = torch.empty(shape, dtype=param.dtype, device=param.device)
-            name = _EXPERT_RE.sub(lambda m: f"expert{model.ep_rank * num_local + int(m.group(1))}.", full_name)
+            name = _seed_name(f"{mod_name}.{p_name}", model.ep_rank, num_local)
             gen = torch.Generator(device=p.device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-            if param is model.logit_scale:
+            if p is model.logit_scale:
                 p.fill_(math.log(cfg.temperature_init))
             elif isinstance(mod, nn.LayerNorm):
                 p.fill_(1.0 if p_name == "weight" else 0.0)
@@ -256,18 +240,27 @@ def init_weights(model: LIMoEModel, seed: int) -> None:
                 nn.init.normal_(p, std=cfg.init_std, generator=gen)
             else:
                 nn.init.trunc_normal_(p, std=cfg.init_std, a=-2 * cfg.init_std, b=2 * cfg.init_std, generator=gen)
-            if split is not None:
-                param.copy_(tp_shard(p, dim, stride, model.tp.size, model.tp.rank))
+
+
+def _seed_name(name: str, ep_rank: int, num_local: int) -> str:
+    """The string an initial weight's generator is seeded with: the parameter name with a local
+    expert's 'deepspeed_experts.<i>.' written 'expert<global index>.' (a top-level parameter keeps
+    its leading '.'). It fixes every initial weight: never change it."""
+    parts = split_expert_name(name)
+    if parts is None:
+        return name
+    head, local, rest = parts
+    return f"{head}deepspeed_moe.experts.expert{ep_rank * num_local + local}.{rest}"
 
 
 def build_model(cfg: ModelConfig | str, *, ep_size: int = 1, ep_rank: int = 0, seed: int = 0,
-                device: torch.device | str | None = None, tp: TensorParallel = TensorParallel()) -> LIMoEModel:
+                device: torch.device | str | None = None) -> LIMoEModel:
     """Build (and initialise, unless on the meta device) a LIMoE model from a config or preset name."""
     if isinstance(cfg, str):
         from limoe_ds.config.model import get_preset
         cfg = get_preset(cfg)
     with torch.device(device or "cpu"):
-        model = LIMoEModel(cfg, ep_size=ep_size, ep_rank=ep_rank, tp=tp)
+        model = LIMoEModel(cfg, ep_size=ep_size, ep_rank=ep_rank)
     init_weights(model, seed)
     return model
 
@@ -278,7 +271,7 @@ def param_counts(model: LIMoEModel) -> dict[str, int]:
     active = total minus, in every MoE layer, the experts a token does not use: (E-1)/E of that
     layer's expert parameters. Counted on a model holding all experts (ep_size=1).
     """
-    assert model.ep_size == 1 and model.tp.size == 1, "count parameters on a full model (ep_size=1, tp=1)"
+    assert model.ep_size == 1 and model.tp_degree == 1, "count parameters on a full model (ep_size=1, tp=1)"
     total = sum(p.numel() for p in model.parameters())
     expert = sum(p.numel() for layer in model.moe_layers() for p in layer.deepspeed_moe.experts.parameters())
     E = model.cfg.moe.num_experts if model.cfg.moe else 1

@@ -15,7 +15,6 @@ Legend: S tokens in the pool (image patches, then text positions), D model width
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 
 import torch
@@ -35,17 +34,15 @@ from limoe_ds.config.model import MoEConfig
 from limoe_ds.moe.routing import Routing, expert_capacity, route_top1
 from limoe_ds.moe.stats import RoutingStats
 from limoe_ds.parallel.collectives import max_over_ranks
-from limoe_ds.parallel.tp_plan import TensorParallel
 
 
 class MLP(nn.Module):
-    """Transformer FFN; also the expert module (one expert = one MLP of the dense twin's size).
-    With tensor parallelism (dense blocks only) fc1 is column- and fc2 row-parallel."""
+    """Transformer FFN; also the expert module (one expert = one MLP of the dense twin's size)."""
 
-    def __init__(self, width: int, mlp_dim: int, tp: TensorParallel = TensorParallel()) -> None:
+    def __init__(self, width: int, mlp_dim: int) -> None:
         super().__init__()
-        self.fc1 = tp.column(width, mlp_dim)
-        self.fc2 = tp.row(mlp_dim, width)
+        self.fc1 = nn.Linear(width, mlp_dim)
+        self.fc2 = nn.Linear(mlp_dim, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -97,17 +94,17 @@ class LIMoEGate(nn.Module):
 class LIMoELayer(MoE):
     """A DeepSpeed ``MoE`` whose gate is ``LIMoEGate``; the engine recognises it as an MoE layer.
 
-    ``index`` is the block index (it names the layer's statistics); ``tp_size``: DeepSpeed splits the
-    capacity dimension across tensor-parallel ranks, so capacities are multiples of it."""
+    ``index`` is the block index (it names the layer's statistics). Capacities are rounded up to a
+    multiple of ``capacity_multiple_of`` (``moe.capacity_multiple_of``; the tensor-parallel plan
+    raises it to a multiple of tp, since DeepSpeed splits the capacity dimension across tp ranks)."""
 
-    def __init__(self, width: int, mlp_dim: int, cfg: MoEConfig, *, ep_size: int = 1, tp_size: int = 1,
-                 index: int = 0) -> None:
+    def __init__(self, width: int, mlp_dim: int, cfg: MoEConfig, *, ep_size: int = 1, index: int = 0) -> None:
         nn.Module.__init__(self)  # MoE.__init__ would build a stock TopKGate; set its fields here
         if cfg.num_experts % ep_size:
             raise ValueError(f"moe.num_experts={cfg.num_experts} is not divisible by the expert-parallel "
                              f"size {ep_size}; choose an ep size that divides it")
         self.cfg, self.index = cfg, index
-        self.capacity_multiple_of = math.lcm(cfg.capacity_multiple_of, tp_size)
+        self.capacity_multiple_of = cfg.capacity_multiple_of
         self.use_residual = False
         self.enable_expert_tensor_parallelism = False
         self.ep_size = ep_size

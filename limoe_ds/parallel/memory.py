@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 
 from limoe_ds.config.model import ModelConfig
 from limoe_ds.parallel.layout import check_layout
+from limoe_ds.moe.names import is_expert
 from limoe_ds.parallel.tp_plan import tp_partition
 
 GIB = 1024 ** 3
@@ -65,7 +66,7 @@ def param_split(cfg: ModelConfig) -> dict[str, int]:
     model = build_model(cfg, device="meta")
     out = {"tp_split": 0, "expert": 0, "replicated": 0}
     for name, p in model.named_parameters():
-        kind = "expert" if "deepspeed_experts" in name else "tp_split" if tp_partition(name) else "replicated"
+        kind = "expert" if is_expert(name) else "tp_split" if tp_partition(name) else "replicated"
         out[kind] += p.numel()
     return out
 

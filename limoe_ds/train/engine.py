@@ -104,10 +104,10 @@ def build_engine(model: LIMoEModel, ds_config: dict):
     the expert groups already registered); otherwise DeepSpeed builds its default ones (tp=1).
     """
     state = parallel.state()
-    if state is not None and (model.tp.size != state.layout.tp or model.ep_size != state.layout.ep):
-        raise ValueError(f"model built for tp={model.tp.size}, ep={model.ep_size}; the process groups are for "
+    if state is not None and (model.tp_degree != state.layout.tp or model.ep_size != state.layout.ep):
+        raise ValueError(f"model built for tp={model.tp_degree}, ep={model.ep_size}; the process groups are for "
                          f"tp={state.layout.tp}, ep={state.layout.ep}")
-    if model.tp.size > 1 and ds_config.get("zero_optimization", {}).get("stage", 0) in (1, 2):
+    if model.tp_degree > 1 and ds_config.get("zero_optimization", {}).get("stage", 0) in (1, 2):
         # Experts are replicated over tp peers, and ZeRO 1/2 partition their gradients over the
         # expert-data group, which spans the tp peers: each peer holds DIFFERENT expert gradient
         # entries. DeepSpeed's gradient norm counts an untagged parameter on tp rank 0 only (it

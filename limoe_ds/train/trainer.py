@@ -133,8 +133,8 @@ def _build(cfg: RunConfig, rank: int, world: int):
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer: vocabulary {tokenizer.vocab_size} > model.vocab_size {cfg.model.vocab_size}; "
                           f"train a smaller tokenizer or raise model.vocab_size")
-    model = build_model(cfg.model, ep_size=layout.ep, ep_rank=layout.ep_rank, seed=cfg.train.seed,
-                        tp=parallel.TensorParallel(layout.tp, layout.tp_rank))
+    model = parallel.parallelize(build_model(cfg.model, ep_size=layout.ep, ep_rank=layout.ep_rank,
+                                             seed=cfg.train.seed), layout)
     if cfg.train.activation_checkpointing:
         model.activation_checkpointing = True
     # router noise: independent per data-parallel rank, identical on tensor-parallel peers (they
