@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 from limoe_ds.checkpoint import io as checkpoint
-from limoe_ds.moe.names import EXPERT_PREFIX, global_expert_name, is_expert, split_expert_name
+from limoe_ds.moe.names import global_expert_name, is_expert, split_expert_name
 from limoe_ds.parallel.layout import Layout
 from limoe_ds.parallel.tp_plan import tp_partition, tp_unshard
 
