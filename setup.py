@@ -15,7 +15,7 @@ setup(
     packages=find_packages(include=["limoe_ds", "limoe_ds.*"]),
     install_requires=[
         "torch>=2.4",
-        "deepspeed>=0.19.8,<0.20",
+        "deepspeed==0.19.8",  # limoe_ds/compat/deepspeed.py works around this version's bugs
         "megatron-core>=0.16.1",
         "datasets>=3.0",
         "tokenizers>=0.19",

@@ -15,7 +15,6 @@ DeepSpeed's stock layer: top-1, RTS drop policy, Switch l_aux, no noise (its def
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -25,18 +24,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from limoe_ds.compat.deepspeed import quiet_import  # noqa: E402
 from limoe_ds.config.model import MoEConfig  # noqa: E402
 from limoe_ds.moe.layer import MLP, LIMoELayer  # noqa: E402
 from limoe_ds.moe.routing import TOKEN_IMAGE, TOKEN_TEXT  # noqa: E402
 
-with contextlib.redirect_stdout(sys.stderr):
+with quiet_import():
     from deepspeed.moe.layer import MoE as DeepSpeedMoE  # noqa: E402
 
 
 def build(d: int, mlp: int, E: int):
     dense = MLP(d, mlp)
     ours = LIMoELayer(d, mlp, MoEConfig(num_experts=E, layers=(0,), capacity_factor=1.0))
-    with contextlib.redirect_stdout(sys.stderr):
+    with quiet_import():  # DeepSpeed's MoE prints its set-up
         stock = DeepSpeedMoE(d, MLP(d, mlp), num_experts=E, k=1, capacity_factor=1.0, min_capacity=4)
     return dense, ours, stock
 
@@ -46,7 +46,7 @@ def steps(dense, ours, stock, x, types):
         dense(x).sum().backward()
 
     def run_ours():
-        y, routing = ours(x, types)
+        y, routing, _ = ours(x, types)
         (y.sum() + sum(routing.aux.values())).backward()
 
     def run_stock():

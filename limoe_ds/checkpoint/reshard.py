@@ -15,7 +15,8 @@ from typing import Any, Callable
 import torch
 
 from limoe_ds.checkpoint import io as checkpoint
-from limoe_ds.checkpoint.convert import CheckpointError, FullState, read_full_state
+from limoe_ds.compat import deepspeed as compat
+from limoe_ds.checkpoint.convert import CheckpointError, read_full_state
 from limoe_ds.moe.names import global_expert_name, split_expert_name
 from limoe_ds.runtime.launch_env import free_port
 
@@ -91,7 +92,7 @@ def reshard_rank(rank: int, world: int, src: str, out: str, tp: int, ep: int) ->
         for name, p in model.named_parameters():
             p.copy_(local(state.weights, name))
     engine, _ = build_engine(model, cfg.deepspeed)
-    _init_adam_state(engine, state)
+    compat.prepare_adam_state_for_fill(engine, state.optimizer_template)
     for name, p in engine.module.named_parameters():
         safe_set_full_fp32_param(p, local(state.weights, name))
         safe_set_full_optimizer_state(p, local(state.exp_avg, name), "exp_avg")
@@ -115,21 +116,6 @@ def reshard_rank(rank: int, world: int, src: str, out: str, tp: int, ep: int) ->
                           "source_layout": {"tp": old.tp, "ep": old.ep, "world_size": old.world_size}},
                     keep_last=1)
     parallel.teardown()
-
-
-def _init_adam_state(engine, state: FullState) -> None:
-    """Give the ZeRO optimizer's base optimizer the state structure it has after a step (zero
-    moments, the source's step count and hyperparameters), so that DeepSpeed's fragment views
-    exist to be filled."""
-    opt = engine.optimizer
-    base = opt.optimizer
-    template = state.optimizer_template
-    for g, (group, flat) in enumerate(zip(base.param_groups, opt.single_partition_of_fp32_groups)):
-        base.state[flat] = {k: v.clone() if torch.is_tensor(v) else v for k, v in template["state"][g].items()}
-        base.state[flat].update({k: torch.zeros_like(flat) for k in template["partition_keys"][g]})
-        group.update(template["param_groups"][g])
-    opt._hp_optimizer_states_linked = False
-    opt._lazy_init_hp_params_optimizer_state()
 
 
 def reshard(src: str | os.PathLike, out: str | os.PathLike, *, tp: int, ep: int, world: int) -> Path:

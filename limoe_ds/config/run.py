@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from limoe_ds.compat.deepspeed import zero0_clipping_problem
 from limoe_ds.config.model import ModelConfig, config_from_dict, get_preset
 from limoe_ds.config.data import DataConfig
 from limoe_ds.config.errors import ConfigError, check as _check, reject_unknown
@@ -216,12 +217,8 @@ def _check_zero(ds: dict[str, Any], ep: int) -> None:
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     _check(stage in (0, 1, 2), "zero_optimization.stage",
            f"{stage} is not supported: DeepSpeed's native MoE refuses ZeRO-3; use stage 1 or 2")
-    # DeepSpeed 0.19.8's ZeRO-0 clipping (runtime/utils.py clip_grad_norm_) AVERAGES each rank's
-    # norm over data-parallel ranks; with sharded experts each rank's norm covers different
-    # experts, so it clips with a wrong norm (tests/test_distributed.py). ZeRO 1/2 are exact.
-    _check(not (stage == 0 and ep > 1 and ds.get("gradient_clipping", 0) > 0), "zero_optimization.stage",
-           "stage 0 with gradient_clipping and expert_parallel_size > 1 clips by a wrong gradient norm in "
-           "DeepSpeed 0.19.8 (it averages per-rank norms); use stage 1 or 2, or gradient_clipping 0")
+    problem = zero0_clipping_problem(ds, ep)
+    _check(problem is None, "zero_optimization.stage", problem or "")
 
 
 def _check_paths(cfg: RunConfig) -> None:

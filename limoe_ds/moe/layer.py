@@ -14,18 +14,15 @@ Legend: S tokens in the pool (image patches, then text positions), D model width
 
 from __future__ import annotations
 
-import contextlib
-import sys
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-# DeepSpeed's logger writes to stdout from the moment it is imported (its accelerator warning);
-# importing it with stdout redirected points that handler at stderr for good, so the project's own
-# stdout (JSON from tools, the training summary) stays clean.
-with contextlib.redirect_stdout(sys.stderr):
+from limoe_ds.compat import deepspeed as compat
+
+compat.deepspeed()  # quietly imported, version-checked
+with compat.quiet_import():
     from deepspeed.moe.experts import Experts
     from deepspeed.moe.layer import MoE
     from deepspeed.moe.sharded_moe import MOELayer
@@ -99,18 +96,13 @@ class LIMoELayer(MoE):
     raises it to a multiple of tp, since DeepSpeed splits the capacity dimension across tp ranks)."""
 
     def __init__(self, width: int, mlp_dim: int, cfg: MoEConfig, *, ep_size: int = 1, index: int = 0) -> None:
-        nn.Module.__init__(self)  # MoE.__init__ would build a stock TopKGate; set its fields here
+        nn.Module.__init__(self)  # MoE.__init__ would build a stock TopKGate (compat.init_moe_fields)
         if cfg.num_experts % ep_size:
             raise ValueError(f"moe.num_experts={cfg.num_experts} is not divisible by the expert-parallel "
                              f"size {ep_size}; choose an ep size that divides it")
         self.cfg, self.index = cfg, index
         self.capacity_multiple_of = cfg.capacity_multiple_of
-        self.use_residual = False
-        self.enable_expert_tensor_parallelism = False
-        self.ep_size = ep_size
-        self.expert_group_name = f"ep_size_{ep_size}"
-        self.num_experts = cfg.num_experts
-        self.num_local_experts = cfg.num_experts // ep_size
+        compat.init_moe_fields(self, ep_size=ep_size, num_experts=cfg.num_experts)
         experts = Experts(MLP(width, mlp_dim), self.num_local_experts, self.expert_group_name)
         self.deepspeed_moe = MOELayer(LIMoEGate(width, cfg), experts, self.expert_group_name,
                                       ep_size, self.num_local_experts)

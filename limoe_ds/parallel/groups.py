@@ -5,20 +5,18 @@ registered where DeepSpeed looks them up. ``MegatronMPU`` hands the same groups 
 ``deepspeed.initialize(mpu=...)``.
 
 DeepSpeed 0.19.8 given an mpu would build expert groups from consecutive GLOBAL ranks, i.e. a
-tensor-parallel group; that is why we build them.
+tensor-parallel group; that is why we build them (``compat.deepspeed.register_expert_groups``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 
+from limoe_ds.compat import deepspeed as compat
 from limoe_ds.parallel.layout import Layout
-from limoe_ds.parallel.tp_plan import _megatron
+from limoe_ds.compat.megatron import megatron_core
 
 
 # -- process groups -----------------------------------------------------------------------------------
@@ -27,7 +25,7 @@ class MegatronMPU:
     ``parallel_state`` (no pipeline parallelism: the model-parallel group is the tp group)."""
 
     def __init__(self, layout: Layout) -> None:
-        self.layout, self._ps = layout, _megatron().parallel_state
+        self.layout, self._ps = layout, megatron_core().parallel_state
 
     def get_tensor_model_parallel_group(self):
         return self._ps.get_tensor_model_parallel_group()
@@ -89,55 +87,27 @@ def setup(layout: Layout) -> ParallelState:
         raise ValueError(f"layout is for rank {layout.rank} of {layout.world_size}, this process is rank "
                          f"{dist.get_rank()} of {dist.get_world_size()}")
     teardown()
-    parallel_state = _megatron().parallel_state
-    with _deepspeed_groups() as ds_groups:
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp,
-                                                 create_gloo_process_groups=False)
-        name = f"ep_size_{layout.ep}"
-        for groups, table, ranks_table in (
-                (layout.ep_groups(), ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_PARALLEL_GROUP_RANKS),
-                (layout.expert_data_groups(), ds_groups._EXPERT_DATA_PARALLEL_GROUP,
-                 ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS)):
-            for ranks in groups:  # every rank creates every group, in the same order
-                group = dist.new_group(ranks)
-                if layout.rank in ranks:
-                    table[name], ranks_table[name] = group, list(ranks)
+    parallel_state = megatron_core().parallel_state
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp, create_gloo_process_groups=False)
+    name = f"ep_size_{layout.ep}"
+    mine = []
+    for family in (layout.ep_groups(), layout.expert_data_groups()):
+        groups = [(ranks, dist.new_group(ranks)) for ranks in family]  # every rank creates every group, in order
+        mine.append([(ranks, group) for ranks, group in groups if layout.rank in ranks])
+    compat.register_expert_groups(name, *mine)
     if layout.tp > 1 and dist.get_backend() == "gloo":
-        _patch_gather_tokens_for_gloo()
+        compat.gather_tokens_on_gloo(parallel_state.get_tensor_model_parallel_group)
     _STATE = ParallelState(layout, MegatronMPU(layout), parallel_state.get_data_parallel_group(), name)
     return _STATE
-
-
-def _patch_gather_tokens_for_gloo() -> None:
-    """DeepSpeed-MoE's tensor-parallel token gather all-gathers into a FLAT buffer, which NCCL
-    accepts and gloo rejects ('invalid tensor size'); on gloo (CPU) gather into a buffer shaped
-    [tp * n, ...] instead. Same result; the GPU (NCCL) path stays DeepSpeed's own."""
-    from deepspeed.moe import mappings
-
-    def gather_tokens(input_: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        group = _STATE.mpu.get_tensor_model_parallel_group()
-        world = dist.get_world_size(group)
-        input_ = input_.contiguous()
-        if world == 1:
-            return input_
-        out = input_.new_empty((world * input_.shape[0], *input_.shape[1:]))
-        dist.all_gather_into_tensor(out, input_, group=group)
-        return out if dim == 0 else torch.cat(out.chunk(world, dim=0), dim=dim).contiguous()
-
-    mappings._gather_tokens = gather_tokens
 
 
 def teardown() -> None:
     """Forget the groups of the previous ``setup`` (megatron's and DeepSpeed's tables)."""
     global _STATE
-    parallel_state = _megatron().parallel_state
+    parallel_state = megatron_core().parallel_state
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    with _deepspeed_groups() as ds_groups:
-        for table in (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_PARALLEL_GROUP_RANKS,
-                      ds_groups._EXPERT_DATA_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
-            table.clear()
-        ds_groups.mpu = None
+    compat.clear_groups()
     _STATE = None
 
 
@@ -152,33 +122,8 @@ def data_parallel_group() -> dist.ProcessGroup | None:
     return None if _STATE is None else _STATE.data_parallel_group
 
 
-@contextlib.contextmanager
-def _deepspeed_groups():
-    with contextlib.redirect_stdout(sys.stderr):
-        from deepspeed.utils import groups
-    yield groups
-
-
-@contextlib.contextmanager
 def checkpoint_writers():
-    """While DeepSpeed saves: one writer per tensor-parallel lane, not one per expert-data group.
-
-    DeepSpeed 0.19.8 lets only rank 0 of an expert-data group write the experts AND (it returns
-    early otherwise) the shared ``mp_rank_XX_model_states.pt``. Our expert-data groups span the tp
-    peers, so tp ranks > 0 would write neither and their attention / MLP shards would be lost.
-    Here each rank's expert-data rank is its index among the ranks of its OWN lane holding the
-    same experts: the data-parallel-rank-0 rank of every lane writes its model shard
-    (mp_rank_<tp rank>) and its (replicated) expert files, which is what a resume at the same
-    layout loads.
-    """
-    if _STATE is None or _STATE.layout.tp == 1:
-        yield
-        return
-    with _deepspeed_groups() as ds_groups:
-        original = ds_groups._get_expert_data_parallel_rank
-        lane_rank = _STATE.layout.dp_rank // _STATE.layout.ep
-        ds_groups._get_expert_data_parallel_rank = lambda _group_name: lane_rank
-        try:
-            yield
-        finally:
-            ds_groups._get_expert_data_parallel_rank = original
+    """While DeepSpeed saves: one writer per tensor-parallel lane (``compat.deepspeed.
+    one_checkpoint_writer_per_tp_lane``): a rank's index among its lane's ranks holding its experts."""
+    tp_lanes = _STATE is not None and _STATE.layout.tp > 1
+    return compat.one_checkpoint_writer_per_tp_lane(_STATE.layout.dp_rank // _STATE.layout.ep if tp_lanes else None)

@@ -22,11 +22,12 @@ from __future__ import annotations
 import functools
 import math
 import re
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from limoe_ds.compat.megatron import megatron_core
 
 
 @dataclass(frozen=True)
@@ -131,23 +132,11 @@ def moe_capacity_multiple(multiple_of: int, tp: int) -> int:
 
 
 def _config(tp: int):
-    ModelParallelConfig = _megatron().model_parallel_config.ModelParallelConfig
+    ModelParallelConfig = megatron_core().model_parallel_config.ModelParallelConfig
     on_gpu = torch.cuda.is_available()
     return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=not on_gpu,
                                perform_initialization=False, sequence_parallel=False,
                                gradient_accumulation_fusion=False, params_dtype=torch.float32)
-
-
-@functools.cache
-def _megatron():
-    """megatron.core, imported once and quietly (it warns that Transformer Engine and Apex are
-    missing; we use neither)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import megatron.core.model_parallel_config
-        import megatron.core.parallel_state
-        import megatron.core.tensor_parallel
-    return megatron.core
 
 
 def _no_init(_weight: torch.Tensor) -> None:
@@ -157,10 +146,8 @@ def _no_init(_weight: torch.Tensor) -> None:
 @functools.cache
 def _megatron_linears():
     """megatron-core's Column/RowParallelLinear returning one tensor (megatron returns (y, bias))."""
-    tensor_parallel = _megatron().tensor_parallel
+    tensor_parallel = megatron_core().tensor_parallel
     ColumnParallelLinear, RowParallelLinear = tensor_parallel.ColumnParallelLinear, tensor_parallel.RowParallelLinear
-    # its advice to set CUDA_DEVICE_MAX_CONNECTIONS (on every forward) is about overlapping GPU streams
-    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
 
     class Column(ColumnParallelLinear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,7 +164,7 @@ def _tag(layer: nn.Module, dim: int, stride: int) -> nn.Module:
     """Megatron tags parameters only when it initialises them; we tag them here. DeepSpeed's
     gradient norm reads ``tensor_model_parallel`` to count each split parameter on every tp rank
     and each replicated one once."""
-    set_tensor_model_parallel_attributes = _megatron().tensor_parallel.set_tensor_model_parallel_attributes
+    set_tensor_model_parallel_attributes = megatron_core().tensor_parallel.set_tensor_model_parallel_attributes
     set_tensor_model_parallel_attributes(layer.weight, True, dim, stride)
     # megatron tags a column-parallel bias (split with the rows) itself; a row-parallel one is replicated
     assert dim == 1 or layer.bias.partition_dim == 0

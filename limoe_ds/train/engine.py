@@ -8,31 +8,24 @@ temperature; MoE experts in their own groups, as DeepSpeed-MoE requires) and cal
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-with contextlib.redirect_stdout(sys.stderr):
-    import deepspeed
-    from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
-# DeepSpeed 0.19.8's ZeRO all-gather calls torch.distributed.all_gather_into_tensor, which torch 2.13
-# deprecates: a FutureWarning on every rank, again after every evaluation. Not ours to change.
-warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-                        category=FutureWarning)
-
-from limoe_ds.runtime.launch_env import export_torch_env, free_port
-from limoe_ds.losses import gathered_contrastive_loss
-from limoe_ds.parallel.collectives import all_finite
 from limoe_ds import parallel
-from limoe_ds.runtime import shm
+from limoe_ds.compat import deepspeed as compat
+from limoe_ds.losses import gathered_contrastive_loss
 from limoe_ds.model.limoe import LIMoEModel, MAPHead
 from limoe_ds.moe.stats import RoutingStats
+from limoe_ds.parallel.collectives import all_finite
+from limoe_ds.runtime.launch_env import export_torch_env, free_port
+
+deepspeed = compat.deepspeed()  # quietly imported, version-checked
+with compat.quiet_import():
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
 
 def init_distributed() -> None:
@@ -48,31 +41,10 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    with _deepspeed_chatter(launch.rank):
+    with compat.chatter_to_stderr(launch.rank):
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     if backend == "gloo":
-        _unlink_shm_buffer()
-
-
-def _unlink_shm_buffer() -> None:
-    """DeepSpeed's CPU all-reduce leaves a 66 MB /dev/shm buffer per rank behind (limoe_ds.runtime.shm).
-    Every rank maps all its peers' buffers inside init, so after one barrier each rank unlinks
-    its own name; the memory is freed when the processes exit, however they end."""
-    if dist.get_world_size() > 1:
-        dist.barrier()
-    shm.unlink_own(dist.get_rank())
-
-
-@contextlib.contextmanager
-def _deepspeed_chatter(rank: int):
-    """DeepSpeed prints set-up chatter to stdout on every rank: rank 0's goes to stderr, the other
-    ranks' is dropped (their warnings and errors still reach stderr through DeepSpeed's logger)."""
-    if rank == 0:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-        return
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-        yield
+        compat.unlink_shm_buffers()
 
 
 NO_DECAY_PARAMS = ("logit_scale", "token_embed.weight", "image_pos", "text_pos")
@@ -107,16 +79,9 @@ def build_engine(model: LIMoEModel, ds_config: dict):
     if state is not None and (model.tp_degree != state.layout.tp or model.ep_size != state.layout.ep):
         raise ValueError(f"model built for tp={model.tp_degree}, ep={model.ep_size}; the process groups are for "
                          f"tp={state.layout.tp}, ep={state.layout.ep}")
-    if model.tp_degree > 1 and ds_config.get("zero_optimization", {}).get("stage", 0) in (1, 2):
-        # Experts are replicated over tp peers, and ZeRO 1/2 partition their gradients over the
-        # expert-data group, which spans the tp peers: each peer holds DIFFERENT expert gradient
-        # entries. DeepSpeed's gradient norm counts an untagged parameter on tp rank 0 only (it
-        # assumes tp peers hold copies) and would miss the other peers' parts; tagged, every
-        # peer's part is counted once. (Under ZeRO 0 every peer holds the full, reduced copy.)
-        for p in model.parameters():
-            if is_moe_param(p):
-                p.tensor_model_parallel = True
-    with _deepspeed_chatter(dist.get_rank() if dist.is_initialized() else 0):
+    if model.tp_degree > 1:
+        compat.tag_experts_tensor_parallel(model, ds_config)
+    with compat.chatter_to_stderr(dist.get_rank() if dist.is_initialized() else 0):
         engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups(model),
                                                        config=ds_config, mpu=None if state is None else state.mpu)
     return engine, scheduler
