@@ -179,7 +179,7 @@ def test_export_torch_env_maps_srun_and_leaves_a_launcher_alone():
 
 
 def test_bad_launcher_variables_exit_2_with_one_line(monkeypatch, capsys):
-    from limoe_ds.train.trainer import main
+    from limoe_ds.train.cli import main
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["--deepspeed_config", str(ROOT / "ds_configs" / "tiny.json")]) == 2

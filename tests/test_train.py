@@ -49,7 +49,7 @@ def _tiny_raw() -> dict:
 
 
 def _main(argv):
-    from limoe_ds.train.trainer import main
+    from limoe_ds.train.cli import main
     return main(argv)
 
 

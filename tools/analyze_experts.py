@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from limoe_ds.runtime.cli import fail  # noqa: E402
 from limoe_ds.checkpoint import io as checkpoint  # noqa: E402
 from limoe_ds.eval.figures import modality_chart, patch_overlay  # noqa: E402
 
@@ -48,11 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = checkpoint.evaluation_config(args.checkpoint, args.set, 1)
         state = checkpoint.consolidated_model_state(args.checkpoint)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     if cfg.model.moe is None or cfg.data.val is None:
-        print("error: needs an MoE model and data.val (set it with --set data.val=PATH)", file=sys.stderr)
-        return 2
+        return fail("needs an MoE model and data.val (set it with --set data.val=PATH)")
     from limoe_ds.data import Tokenizer, build_eval_loader
     from limoe_ds.model import build_model
     model = build_model(cfg.model)

@@ -23,6 +23,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from limoe_ds.runtime.cli import fail  # noqa: E402
 from limoe_ds.data import DataConfig, Tokenizer, build_train_loader  # noqa: E402
 
 
@@ -92,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-model", action="store_true")
     args = ap.parse_args(argv)
     if not os.path.isfile(os.path.join(args.data, "manifest.json")):
-        print(f"no dataset at {args.data}; build it with: python tools/build_mini_dataset.py --out {args.data}")
-        return 2
+        return fail(f"no dataset at {args.data}; build it with: python tools/build_mini_dataset.py --out {args.data}")
     print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, batch {args.batch_size}, "
           f"{args.image_size}x{args.image_size}, text_len {args.text_len}")
     rates = {}

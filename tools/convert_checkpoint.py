@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from limoe_ds.runtime.cli import fail  # noqa: E402
 from limoe_ds.checkpoint.convert import CheckpointError, export, read_full_state
 from limoe_ds.checkpoint.reshard import reshard  # noqa: E402
 
@@ -75,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                               "num_params": sum(v.numel() for v in state.weights.values()),
                               "adam_steps": sorted(set(state.adam_step.values()))}, indent=1))
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     return 0
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from limoe_ds.runtime.cli import fail  # noqa: E402
 from limoe_ds.checkpoint import io as checkpoint  # noqa: E402
 from limoe_ds.runtime.launch_env import world_from_env  # noqa: E402
 
@@ -85,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         state = checkpoint.consolidated_model_state(args.checkpoint)
         benchmarks = _benchmarks(args.data, threads=cfg.data.num_workers)
     except ValueError as e:  # DataError and ConfigError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     results = _evaluate(cfg, state, benchmarks, rank, world)
     command = shlex.join([sys.executable, str(Path(__file__).resolve()), *argv])  # reproduces this report
     report = {"command": command, "checkpoint": str(args.checkpoint),

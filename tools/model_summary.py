@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from limoe_ds.runtime.cli import fail  # noqa: E402
 from limoe_ds.config.model import ModelConfig, get_preset  # noqa: E402
 from limoe_ds.config.run import model_config  # noqa: E402
 
@@ -102,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 run["activation_checkpointing"] = False
             out["memory_per_gpu"] = estimate(cfg, **parse_layout(args.layout), **run).to_dict()
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     print(json.dumps(out, indent=2))
     return 0
 

@@ -19,6 +19,7 @@ from typing import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from limoe_ds.runtime.cli import fail  # noqa: E402
 from limoe_ds.config.data import SourceConfig  # noqa: E402
 from limoe_ds.data.errors import DataError, SkipSample  # noqa: E402
 from limoe_ds.data.samples import check_caption  # noqa: E402
@@ -73,11 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         captions = list(iter_captions(args.inputs, args.caption_key, skipped))
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     if not captions:
-        print(f"error: no usable caption in {args.inputs} (skipped: {skipped})", file=sys.stderr)
-        return 2
+        return fail(f"no usable caption in {args.inputs} (skipped: {skipped})")
     tok = train_bpe(captions, args.vocab_size, args.min_frequency)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tok.save(args.out)

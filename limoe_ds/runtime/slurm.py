@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
+from limoe_ds.runtime.cli import fail
 from limoe_ds.runtime.launch_env import LaunchEnvError, _int, _port, job_port
 
 
@@ -205,8 +206,7 @@ def _cli(argv: list[str] | None = None) -> int:
                 return 1  # no rank of this host has started yet: the batch script retries
             print(f"sent {signum.name} to {len(sent)} rank(s) on {socket.gethostname()}: {sent}", file=sys.stderr)
     except LaunchEnvError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     return 0
 
 

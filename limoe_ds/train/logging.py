@@ -1,0 +1,103 @@
+"""What a run reports: rank 0's output, TensorBoard + metrics.jsonl, and every metric name.
+
+Metric names are made here and nowhere else: ``loss/total``, ``loss/contrastive``, ``aux/<aux key>``
+(``moe.stats.aux_key``), ``routing/layerL/<modality>/<quantity>``, ``train/...``, ``data/skipped/<reason>``,
+``memory/max_allocated_gib``; evaluation keys are ``<mode>/...`` (``limoe_ds.eval.run.evaluate``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.distributed as dist
+
+from limoe_ds.config.model import MODALITIES
+from limoe_ds.moe import stats
+
+ROUTING_QUANTITIES = ("success_rate", "dropped_tokens", "entropy_of_mean")
+"""Per MoE layer and modality, from ``RoutingStats.summary`` (logged every window)."""
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(msg: str) -> None:
+    """The project's own output: rank 0 only."""
+    if is_main():
+        print(msg, flush=True)
+
+
+def loss_metrics(loss: float, contrastive: float, aux: dict[str, float]) -> dict[str, float]:
+    """One step's losses by metric name."""
+    return {"loss/total": loss, "loss/contrastive": contrastive, **{f"aux/{k}": v for k, v in aux.items()}}
+
+
+def routing_metrics(summary: dict[str, dict]) -> dict[str, float]:
+    """``stats.summarize`` output -> {'routing/layer3/image/success_rate': ..., ...}."""
+    return {f"routing/{layer}/{m}/{q}": s[m][q] for layer, s in summary.items() for m in MODALITIES
+            for q in ROUTING_QUANTITIES}
+
+
+def success_rates(summary: dict[str, dict]) -> dict[str, float]:
+    """{'layer3/image': routing success rate, ...} for the run summary."""
+    return {f"{layer}/{m}": round(s[m]["success_rate"], 4) for layer, s in summary.items() for m in MODALITIES}
+
+
+class MetricsLog:
+    """TensorBoard scalars + metrics.jsonl, rank 0 only."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+        self.enabled = is_main()
+        self.writer = None
+        if self.enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(run_dir / "metrics.jsonl", "a")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for k, v in scalars.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.writer.add_scalar(k, v, step)
+
+    def write_images(self, step: int, images: dict) -> None:
+        """Pillow images as TensorBoard image summaries (HWC uint8)."""
+        if self.writer is not None:
+            import numpy as np
+            for tag, img in images.items():
+                self.writer.add_image(tag, np.asarray(img.convert("RGB")), step, dataformats="HWC")
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+@dataclass
+class Window:
+    """What happened since the last log line (summed over steps; routing counts summed over ranks later)."""
+
+    steps: int = 0
+    losses: dict[str, float] = field(default_factory=dict)
+    routing: stats.Totals = field(default_factory=dict)
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, r) -> None:
+        """One step's ``engine.StepResult``."""
+        self.steps += 1
+        for k, v in loss_metrics(r.loss, r.contrastive, r.aux).items():
+            self.losses[k] = self.losses.get(k, 0.0) + v
+        stats.accumulate(self.routing, r.routing)
