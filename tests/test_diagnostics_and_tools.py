@@ -80,7 +80,7 @@ def test_model_summary_layout_estimate_by_hand_and_bad_layouts():
     assert mem["optimizer_gib"] == pytest.approx(12 * (shared / 256 + expert / 8) / 2 ** 30, abs=1e-3)
     assert mem["total_gib"] == pytest.approx(sum(mem[k] for k in ("weights_gib", "gradients_gib", "optimizer_gib",
                                                                    "activations_gib")), abs=2e-3)
-    for layout, message in (("tp=3,dp=8", "does not divide num_heads=16"), ("ep=5,dp=10", "num_experts=32"),
+    for layout, message in (("tp=3,dp=8", "tp=3 does not divide model.num_heads=16"), ("ep=5,dp=10", "num_experts=32"),
                             ("ep=2", "dp=N"), ("tp=x,dp=2", "expected tp=N,ep=N,dp=N")):
         r = _run("tools/model_summary.py", "h14", "--layout", layout)
         assert r.returncode == 2 and message in r.stderr, (layout, r.stderr)

@@ -42,11 +42,18 @@ def test_group_families_partition_the_world_and_agree_with_rank_coordinates(worl
 
 def test_layout_validation_messages():
     assert check_layout(8, tp=2, ep=2, num_experts=8, num_heads=12, mlp_dim=3072) == []
-    assert "not divisible by tensor_parallel_size=3" in check_layout(8, tp=3, ep=1)[0]
-    assert "does not divide the data-parallel size 4" in check_layout(8, tp=2, ep=3)[0]
-    assert any("num_experts=6" in p for p in check_layout(8, tp=1, ep=4, num_experts=6))
-    assert any("num_heads=12" in p for p in check_layout(8, tp=8, ep=1, num_heads=12))
-    assert any("mlp_dim=100" in p for p in check_layout(8, tp=8, ep=1, mlp_dim=100))
+    # one message per rule, with the config key it is about (the run config and the estimate use them)
+    assert check_layout(8, tp=3, ep=1) == [("parallel.tensor_parallel_size", "world size 8 is not divisible by tp=3")]
+    key, msg = check_layout(8, tp=2, ep=3)[0]
+    assert key == "parallel.expert_parallel_size" and msg.startswith("ep=3 does not divide the data-parallel size 4")
+    assert ("parallel.expert_parallel_size", "ep=4 does not divide model.moe.num_experts=6; use a divisor of 6") \
+        in check_layout(8, tp=1, ep=4, num_experts=6)
+    assert ("parallel.tensor_parallel_size", "tp=8 does not divide model.num_heads=12; use a divisor of 12") \
+        in check_layout(8, tp=8, ep=1, num_heads=12)
+    assert ("parallel.tensor_parallel_size", "tp=8 does not divide model.mlp_dim=100; use a divisor of 100") \
+        in check_layout(8, tp=8, ep=1, mlp_dim=100)
+    assert check_layout(4, tp=1, ep=2, dense=True) == [
+        ("parallel.expert_parallel_size", "the model has no MoE layer (dense twin); set it to 1")]
     with pytest.raises(ValueError, match="data-parallel size"):
         Layout(rank=0, world_size=6, ep=4, tp=1)
 

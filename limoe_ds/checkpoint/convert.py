@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import torch
 
+from limoe_ds.checkpoint import format as fmt
 from limoe_ds.checkpoint import io as checkpoint
 from limoe_ds.moe.names import global_expert_name, is_expert, split_expert_name
 from limoe_ds.parallel.layout import Layout
@@ -81,13 +82,6 @@ def _load(path: Path) -> dict[str, Any]:
                               f"the file is truncated or damaged") from None
 
 
-def _zero_file(ckpt_dir: Path, dp_rank: int, tp_rank: int) -> Path:
-    """A rank's ZeRO 1/2 optimizer shard; DeepSpeed prefixes it with the dtype in bf16 runs."""
-    name = f"zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt"
-    bf16 = ckpt_dir / f"bf16_{name}"
-    return bf16 if bf16.is_file() else ckpt_dir / name
-
-
 class _Flat:
     """One optimizer group's partitions end to end, not copied (they are memory-mapped): only the
     slices asked for are read."""
@@ -125,7 +119,7 @@ def read_full_state(ckpt_dir: str | os.PathLike, keep: Callable[[str], bool] | N
     if stage not in (0, 1, 2):
         raise CheckpointError(f"{ckpt_dir}: ZeRO stage {stage}; conversion reads ZeRO 0/1/2 checkpoints")
     layout = checkpoint.saved_layout(marker)
-    lanes = [_load(ckpt_dir / f"mp_rank_{t:02d}_model_states.pt") for t in range(layout.tp)]
+    lanes = [_load(fmt.model_states(ckpt_dir, t)) for t in range(layout.tp)]
     from limoe_ds.config.run import model_config
     model_cfg = model_config(cfg["limoe"]["model"])
     num_local = model_cfg.moe.num_experts // layout.ep if model_cfg.moe else 1
@@ -153,7 +147,7 @@ Parts = dict[str, dict[str, torch.Tensor]]
 def _zero12_parts(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg, num_local: int,
                   keep: Callable[[str], bool] | None) -> tuple[list[Parts], Parts, dict[str, int], dict]:
     """ZeRO 1/2: every rank's file holds its flat partition of every optimizer group."""
-    files = {r: _zero_file(ckpt_dir, r // layout.tp, r % layout.tp) for r in range(layout.world_size)}
+    files = {r: fmt.zero_states(ckpt_dir, r // layout.tp, r % layout.tp) for r in range(layout.world_size)}
     shards = {r: _load(f)["optimizer_state_dict"] for r, f in files.items()}
     lane_parts: list[Parts] = [{} for _ in range(layout.tp)]
     experts: Parts = {}
@@ -229,7 +223,7 @@ def _zero0_parts(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg, n
     moe_layer = {h: i for i, h in enumerate(dict.fromkeys(heads))}
     for e in range(layout.ep):
         for t in range(layout.tp):
-            path = ckpt_dir / f"expp_rank_{e}_mp_rank_{t:02d}_optim_states.pt"
+            path = fmt.zero0_states(ckpt_dir, e, t)
             saved = _load(path).get("optimizer") or {}
             bf16 = "fp32_groups" in saved
             opt = saved.get("optimizer_state_dict", {}) if bf16 else saved
@@ -265,10 +259,10 @@ def _zero0_module_weight(ckpt_dir: Path, lane: dict, gname: str, t: int, moe_lay
     parts = split_expert_name(gname)
     if parts is None:
         if gname not in lane["module"]:
-            raise CheckpointError(f"{ckpt_dir}/mp_rank_{t:02d}_model_states.pt has no {gname}")
+            raise CheckpointError(f"{fmt.model_states(ckpt_dir, t)} has no {gname}")
         return lane["module"][gname]
     head, expert, _ = parts
-    path = ckpt_dir / f"layer_{moe_layer[head]}_expert_{expert}_mp_rank_{t:02d}_model_states.pt"
+    path = fmt.expert_states(ckpt_dir, moe_layer[head], expert, t)
     if path not in cache:
         cache[path] = _load(path)
     if gname not in cache[path]:

@@ -1,10 +1,8 @@
 """Atomic, resumable checkpoints on top of DeepSpeed's engine checkpoints.
 
-Layout under ``RUN_DIR/checkpoints``:
-    step00000500/            DeepSpeed's files (model, ZeRO optimizer shards, per-expert files)
-        limoe_rank00000.pt   per-rank state: RNG states, data position
-        limoe_complete.json  written last, before the directory gets its final name
-    latest                   the newest complete tag (replaced atomically)
+The files (``limoe_ds.checkpoint.format``): per step, DeepSpeed's (model, ZeRO optimizer shards,
+per-expert files), a per-rank state (RNG states, data position) and a completion marker written
+last; ``latest`` holds the newest complete tag (replaced atomically).
 
 A save writes ``stepN.partial`` and renames it to ``stepN`` only after every rank has finished
 (barrier) and the marker is written, so a crash mid-save leaves the previous checkpoint intact and
@@ -16,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -25,8 +22,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-MARKER = "limoe_complete.json"
-_TAG = re.compile(r"^step(\d{8})$")
+from limoe_ds.checkpoint import format as fmt
+
+MARKER = fmt.MARKER
 
 
 def _barrier() -> None:
@@ -82,20 +80,21 @@ def save(engine, ckpt_root: Path, step: int, *, rank_state: Callable[[], dict[st
     if not params_finite(engine.module):
         raise RuntimeError(f"refusing to save step {step}: the weights are not finite "
                            f"(the run diverged); the last good checkpoint is kept")
-    tag = f"step{step:08d}"
-    final, partial = ckpt_root / tag, ckpt_root / f"{tag}.partial"
+    tag = fmt.tag(step)
+    final, partial = ckpt_root / tag, ckpt_root / f"{tag}{fmt.PARTIAL_SUFFIX}"
     if _rank() == 0:
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt_root.glob("*.partial"):
+        for stale in ckpt_root.glob(f"*{fmt.PARTIAL_SUFFIX}"):
             shutil.rmtree(stale)
     _barrier()
     from limoe_ds.parallel.groups import checkpoint_writers
     with checkpoint_writers():
         engine.save_checkpoint(str(ckpt_root), tag=partial.name, client_state={"limoe_step": step},
                                save_latest=False)
-    tmp = partial / f"limoe_rank{_rank():05d}.pt.tmp"
+    final_rank_file = fmt.rank_state(partial, _rank())
+    tmp = final_rank_file.with_name(final_rank_file.name + ".tmp")
     torch.save(rank_state(), tmp)
-    os.replace(tmp, partial / f"limoe_rank{_rank():05d}.pt")
+    os.replace(tmp, final_rank_file)
     _barrier()
     if _rank() == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -104,7 +103,7 @@ def save(engine, ckpt_root: Path, step: int, *, rank_state: Callable[[], dict[st
         if final.exists():  # re-saving a step (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.replace(partial, final)
-        atomic_write_text(ckpt_root / "latest", tag)
+        atomic_write_text(ckpt_root / fmt.LATEST, tag)
         for old in complete_checkpoints(ckpt_root)[:-keep_last]:
             shutil.rmtree(old)
     _barrier()
@@ -115,8 +114,8 @@ def complete_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not ckpt_root.is_dir():
         return []
-    found = [p for p in ckpt_root.iterdir() if _TAG.match(p.name) and (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: int(_TAG.match(p.name).group(1)))
+    found = [p for p in ckpt_root.iterdir() if fmt.tag_step(p.name) is not None and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: fmt.tag_step(p.name))
 
 
 def find_latest(ckpt_root: Path) -> Path | None:
@@ -154,7 +153,7 @@ def load(engine, ckpt_dir: Path) -> tuple[int, dict[str, Any]]:
         raise ValueError(f"--resume: {ckpt_dir} was saved at tp={saved.tp}, ep={saved.ep}; this run is "
                          f"tp={state.layout.tp}, ep={state.layout.ep}: convert it first with "
                          f"tools/convert_checkpoint.py reshard --tp {state.layout.tp} --ep {state.layout.ep} --world {world}")
-    rank_file = ckpt_dir / f"limoe_rank{_rank():05d}.pt"
+    rank_file = fmt.rank_state(ckpt_dir, _rank())
     if not rank_file.is_file():
         raise ValueError(f"--resume: {rank_file} is missing; the checkpoint is incomplete")
     path, client = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=True,
@@ -175,7 +174,7 @@ def consolidated_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     tp = saved_layout(read_marker(ckpt_dir, "--checkpoint")).tp
     parts = []
     for t in range(tp):
-        shared = ckpt_dir / f"mp_rank_{t:02d}_model_states.pt"
+        shared = fmt.model_states(ckpt_dir, t)
         if not shared.is_file():
             raise ValueError(f"--checkpoint: {shared} is missing; the checkpoint is incomplete")
         module = torch.load(shared, map_location="cpu", weights_only=False)["module"]
@@ -184,7 +183,7 @@ def consolidated_model_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     for name, value in parts[0].items():
         split = tp_partition(name) if tp > 1 else None
         state[name] = value if split is None else tp_unshard([p[name] for p in parts], *split)
-    for f in sorted(ckpt_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):  # replicated over tp
+    for f in sorted(ckpt_dir.glob(fmt.EXPERT_STATES_GLOB)):  # replicated over tp
         state.update(torch.load(f, map_location="cpu", weights_only=False))
     return state
 

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from limoe_ds.checkpoint import format as fmt
 from limoe_ds.checkpoint import io as checkpoint
 from limoe_ds.compat import deepspeed as compat
 from limoe_ds.checkpoint.convert import CheckpointError, read_full_state
@@ -26,7 +27,7 @@ def resharded_config(marker: dict[str, Any], *, tp: int, ep: int, world: int) ->
     raw = json.loads(json.dumps(marker["config"]))
     parallel = raw["limoe"].setdefault("parallel", {})
     parallel.update(tensor_parallel_size=tp, expert_parallel_size=ep, world_size=world)
-    raw["train_batch_size"] = raw["train_micro_batch_size_per_gpu"] * raw.get("gradient_accumulation_steps", 1) * (world // tp)
+    raw.pop("train_batch_size", None)  # re-derived for the new data-parallel size (config.run)
     return raw
 
 
@@ -103,10 +104,10 @@ def reshard_rank(rank: int, world: int, src: str, out: str, tp: int, ep: int) ->
     engine.global_samples = engine.global_steps * cfg.deepspeed["train_batch_size"]
     old = checkpoint.saved_layout(marker)
     if old.dp == layout.dp:  # the same data-parallel rank continues the same data stream and RNG
-        rank_state = torch.load(src_dir / f"limoe_rank{layout.dp_rank * old.tp:05d}.pt", weights_only=False)
+        rank_state = torch.load(fmt.rank_state(src_dir, layout.dp_rank * old.tp), weights_only=False)
     else:  # per-reader positions cannot carry over: every source continues at its next epoch
         from limoe_ds.data.loader import epoch_start_state
-        saved = [torch.load(src_dir / f"limoe_rank{d * old.tp:05d}.pt", weights_only=False)["data"]
+        saved = [torch.load(fmt.rank_state(src_dir, d * old.tp), weights_only=False)["data"]
                  for d in range(old.dp)]
         data = None if None in saved else epoch_start_state(saved, layout.dp_rank)
         rank_state = {"rng": None, "data": data, "step": state.step}

@@ -236,11 +236,9 @@ def _check_paths(cfg: RunConfig) -> None:
 
 
 def _check_path_exists(paths: list[str], key: str) -> None:
-    import glob
-    from limoe_ds.data.sources import expand_braces
+    from limoe_ds.data.sources import expand_path
     for p in paths:
-        found = [q for pat in expand_braces(p) for q in (glob.glob(pat) or ([pat] if os.path.exists(pat) else []))]
-        _check(bool(found), key, f"{p!r} matches no file or directory")
+        _check(any(os.path.exists(q) for q in expand_path(p)), key, f"{p!r} matches no file or directory")
 
 
 def resolve(raw: dict[str, Any], *, world_size: int, check_paths: bool = True) -> RunConfig:
@@ -270,26 +268,18 @@ def resolve(raw: dict[str, Any], *, world_size: int, check_paths: bool = True) -
 
 
 def _check_layout(cfg: RunConfig, world_size: int) -> None:
+    from limoe_ds.parallel.layout import check_layout  # pure, but its package imports torch
     tp, ep = cfg.parallel.tensor_parallel_size, cfg.parallel.expert_parallel_size
     want = cfg.parallel.world_size
     _check(want is None or want == world_size, "parallel.world_size",
            f"this config is written for {want} ranks but {world_size} were launched; launch {want} "
            f"(e.g. deepspeed --num_gpus/--num_nodes) or --set parallel.world_size={world_size} after checking the batch")
-    _check(world_size % tp == 0, "parallel.tensor_parallel_size",
-           f"world size {world_size} is not divisible by tp={tp}")
-    dp = world_size // tp
-    _check(dp % ep == 0, "parallel.expert_parallel_size",
-           f"ep={ep} does not divide the data-parallel size {dp} (world {world_size} / tp {tp}); "
-           f"use an ep that divides {dp} or change the number of ranks")
-    if cfg.model.moe is not None:
-        E = cfg.model.moe.num_experts
-        _check(E % ep == 0, "parallel.expert_parallel_size",
-               f"ep={ep} does not divide model.moe.num_experts={E}; use a divisor of {E}")
-    else:
-        _check(ep == 1, "parallel.expert_parallel_size", "the model has no MoE layer (dense twin); set it to 1")
-    for what, n in (("num_heads", cfg.model.num_heads), ("mlp_dim", cfg.model.mlp_dim)):
-        _check(n % tp == 0, "parallel.tensor_parallel_size",
-               f"tp={tp} does not divide model.{what}={n}; use a divisor of {n}")
+    moe = cfg.model.moe
+    problems = check_layout(world_size, tp=tp, ep=ep, num_experts=moe.num_experts if moe else None,
+                            num_heads=cfg.model.num_heads, mlp_dim=cfg.model.mlp_dim, dense=moe is None)
+    if problems:
+        key, message = problems[0]
+        raise ConfigError(f"{key}: {message}")
 
 
 def load(path: str | os.PathLike, overrides: list[str] | None = None, *, world_size: int,

@@ -96,13 +96,25 @@ def _captions_files(path: str) -> list[str]:
     return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith((".jsonl", ".csv")))
 
 
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def expand_path(entry: str) -> list[str]:
+    """One configured path -> the paths it names: braces expanded, a glob matched (existing files,
+    sorted), anything else as written (it may not exist). The config's existence check uses it;
+    ``resolve_paths`` applies the same two rules and lists directories' shards."""
+    return [q for pattern in expand_braces(entry)
+            for q in (sorted(glob.glob(pattern)) if _is_glob(pattern) else [pattern])]
+
+
 def resolve_paths(src: SourceConfig, key: str) -> list[str]:
     """Expand braces, globs and directories; explicit files are kept even if missing (counted later)."""
     out: list[str] = []
     for entry in src.paths:
         for pattern in expand_braces(entry):
-            if any(c in pattern for c in "*?["):
-                out.extend(sorted(glob.glob(pattern)))
+            if _is_glob(pattern):
+                out.extend(expand_path(pattern))
             elif os.path.isdir(pattern) and src.format not in ("folder", "auto"):
                 out.extend(_shards_in_dir(pattern))
             elif os.path.isdir(pattern) and src.format == "auto" and not _captions_files(pattern):

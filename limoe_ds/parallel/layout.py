@@ -25,7 +25,7 @@ class Layout:
     def __post_init__(self) -> None:
         problems = check_layout(self.world_size, tp=self.tp, ep=self.ep)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError(format_problems(problems))
 
     @property
     def dp(self) -> int:
@@ -67,22 +67,32 @@ class Layout:
         return next(g for g in groups if self.rank in g)
 
 
-def check_layout(world_size: int, *, tp: int, ep: int, num_experts: int | None = None,
-                 num_heads: int | None = None, mlp_dim: int | None = None) -> list[str]:
-    """Why this layout cannot run (empty = it can): world = tp x dp, ep | dp, ep | experts,
-    tp | heads and tp | MLP width."""
+def check_layout(world_size: int, *, tp: int, ep: int, num_experts: int | None = None, num_heads: int | None = None,
+                 mlp_dim: int | None = None, dense: bool = False) -> list[tuple[str, str]]:
+    """Why this layout cannot run, as (config key, message with the fix) pairs; empty = it can.
+
+    Every divisibility rule of the stack, stated once: world = tp x dp, ep | dp, ep | experts,
+    tp | heads, tp | MLP width, and ep = 1 for a dense model. The run config, ``Layout`` and the
+    memory estimate all report these messages."""
     problems = []
     if world_size % tp:
-        problems.append(f"world size {world_size} is not divisible by tensor_parallel_size={tp}")
-        return problems
+        return [("parallel.tensor_parallel_size", f"world size {world_size} is not divisible by tp={tp}")]
     dp = world_size // tp
     if dp % ep:
-        problems.append(f"expert_parallel_size={ep} does not divide the data-parallel size {dp} "
-                        f"(world {world_size} / tp {tp})")
+        problems.append(("parallel.expert_parallel_size",
+                         f"ep={ep} does not divide the data-parallel size {dp} (world {world_size} / tp {tp}); "
+                         f"use an ep that divides {dp} or change the number of ranks"))
+    if dense and ep != 1:
+        problems.append(("parallel.expert_parallel_size", "the model has no MoE layer (dense twin); set it to 1"))
     if num_experts is not None and num_experts % ep:
-        problems.append(f"expert_parallel_size={ep} does not divide num_experts={num_experts}")
-    if num_heads is not None and num_heads % tp:
-        problems.append(f"tensor_parallel_size={tp} does not divide num_heads={num_heads}")
-    if mlp_dim is not None and mlp_dim % tp:
-        problems.append(f"tensor_parallel_size={tp} does not divide mlp_dim={mlp_dim}")
+        problems.append(("parallel.expert_parallel_size",
+                         f"ep={ep} does not divide model.moe.num_experts={num_experts}; use a divisor of {num_experts}"))
+    for what, n in (("num_heads", num_heads), ("mlp_dim", mlp_dim)):
+        if n is not None and n % tp:
+            problems.append(("parallel.tensor_parallel_size",
+                             f"tp={tp} does not divide model.{what}={n}; use a divisor of {n}"))
     return problems
+
+
+def format_problems(problems: list[tuple[str, str]]) -> str:
+    return "; ".join(f"{key}: {msg}" for key, msg in problems)

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from limoe_ds.config.model import ModelConfig
-from limoe_ds.parallel.layout import check_layout
+from limoe_ds.parallel.layout import check_layout, format_problems
 from limoe_ds.moe.names import is_expert
 from limoe_ds.parallel.tp_plan import tp_partition
 
@@ -76,13 +76,11 @@ def estimate(cfg: ModelConfig, *, tp: int, ep: int, dp: int, zero_stage: int = 2
     world = tp * dp
     E = cfg.moe.num_experts if cfg.moe else 1
     problems = check_layout(world, tp=tp, ep=ep, num_experts=E if cfg.moe else None, num_heads=cfg.num_heads,
-                            mlp_dim=cfg.mlp_dim)
-    if not cfg.moe and ep != 1:
-        problems.append("the model has no MoE layer (dense twin); ep must be 1")
+                            mlp_dim=cfg.mlp_dim, dense=cfg.moe is None)
     if zero_stage not in (0, 1, 2):
-        problems.append(f"ZeRO stage {zero_stage} is not supported (0, 1 or 2)")
+        problems.append(("zero_optimization.stage", f"ZeRO stage {zero_stage} is not supported (0, 1 or 2)"))
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ValueError(format_problems(problems))
     split = param_split(cfg)
     shared = split["tp_split"] // tp + split["replicated"]
     expert = split["expert"] // ep
