@@ -167,7 +167,7 @@ def _every(depth: int, step: int, last: int | None = None) -> tuple[int, ...]:
 
 
 # Expert counts and MoE placement [ours]: chosen so that tools/model_summary.py reproduces the
-# paper's totals (see tests/test_param_counts.py and README):
+# paper's totals (tests/test_model.py::test_param_counts_match_paper_*, docs/TRAINING.md):
 #   B/16: 8 experts in every block  -> 0.506B total, 0.111B per token  (paper ~0.5B / ~0.1B)
 #   L/16: 8 experts in every block  -> 1.745B total, 0.335B per token  (paper ~1.7B / ~0.3B)
 #   H/14: 32 experts in 12 of 32 blocks (every other of the last 24) -> 5.55B / 0.675B
