@@ -59,15 +59,9 @@ def set_rng_state(s: dict[str, Any]) -> None:
 
 
 def params_finite(module: torch.nn.Module) -> bool:
-    bad = torch.tensor([0.0])
-    for p in module.parameters():
-        if not torch.isfinite(p.detach()).all():
-            bad[0] = 1.0
-            break
-    if dist.is_initialized():
-        bad = bad.to(next(module.parameters()).device)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bad.item() == 0.0
+    """True iff every parameter is finite on EVERY rank."""
+    from limoe_ds.parallel.collectives import any_rank
+    return not any_rank(any(not torch.isfinite(p.detach()).all() for p in module.parameters()))
 
 
 def save(engine, ckpt_root: Path, step: int, *, rank_state: Callable[[], dict[str, Any]], meta: dict[str, Any],

@@ -19,13 +19,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
-import torch.distributed as dist
 
 from limoe_ds.data.errors import SKIP_REASONS
 from limoe_ds import parallel
 from limoe_ds.moe.layer import CONFIGURED
 from limoe_ds.parallel import collectives
-from limoe_ds.parallel.collectives import any_rank, distributed
+from limoe_ds.parallel.collectives import any_rank
 from limoe_ds.eval import metrics
 from limoe_ds.losses import contrastive_loss
 from limoe_ds.moe import stats
@@ -35,10 +34,6 @@ def _group():
     """Evaluation collectives run over the data-parallel group: tensor-parallel peers embed the
     same samples and must not be counted twice (None = the world when no layout was set up)."""
     return parallel.data_parallel_group()
-
-
-def _dist() -> bool:
-    return distributed(_group())
 
 
 def lockstep(batches: Iterable, device, make_dummy: Callable[[], object]) -> Iterator[tuple[object, bool]]:
@@ -161,8 +156,7 @@ def embed_pairs(model, loader, *, max_batches: int = 0, record: RoutingRecord | 
     K = model.cfg.embed_dim
     results = {}
     for m, _ in runs:
-        if _dist():
-            dist.all_reduce(loss_sum[m], group=_group())
+        collectives.sum_(loss_sum[m], _group())
         img = gather_rows(torch.cat(imgs[m]) if imgs[m] else torch.zeros(0, K, device=device))
         txt = gather_rows(torch.cat(txts[m]) if txts[m] else torch.zeros(0, K, device=device))
         pairs = int(loss_sum[m][1].item())
@@ -252,8 +246,7 @@ def zero_shot(model, zs, tokenizer, *, dp_rank: int, dp_size: int, batch_size: i
     results = {}
     for m, _ in runs:
         counts[m][7] = _skipped(zs.skip_counts)
-        if _dist():
-            dist.all_reduce(counts[m], group=_group())
+        collectives.sum_(counts[m], _group())
         top1, top5, n, seen_top1, n_seen, unseen_top1, among, skipped = counts[m].tolist()
         out = {"top1": top1 / n if n else math.nan, "top5": top5 / n if n else math.nan, "images": int(n),
                "skipped_images": int(skipped), "chance_top1": 1.0 / C}
@@ -300,8 +293,7 @@ def caption_retrieval(model, cs, tokenizer, *, dp_rank: int, dp_size: int, batch
                                                  dp_rank=dp_rank, dp_size=dp_size), modes=modes)
     images = {"": images} if modes is None else images
     skipped = torch.tensor([float(_skipped(cs.skip_counts))], dtype=torch.float64, device=device)
-    if _dist():
-        dist.all_reduce(skipped, group=_group())
+    collectives.sum_(skipped, _group())
     results = {}
     for m, cf in _runs(modes):
         img_NK, image_id_N = images[m]

@@ -42,6 +42,13 @@ def all_finite(t: torch.Tensor) -> bool:
     return not any_rank(not bool(torch.isfinite(t).all()))
 
 
+def sum_(t: torch.Tensor, group=None) -> torch.Tensor:
+    """In-place element-wise sum of ``t`` over the ranks of ``group``, in its own dtype; returns it."""
+    if distributed(group):
+        dist.all_reduce(t, group=group)
+    return t
+
+
 def max_over_ranks(value: int, group=None) -> int:
     """The largest ``value`` over the ranks of ``group``."""
     if not distributed(group):

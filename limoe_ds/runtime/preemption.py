@@ -53,14 +53,8 @@ class StopFlag:
 
     def requested(self) -> bool:
         """Collective: True on every rank when any rank has received a signal."""
-        import torch
-        import torch.distributed as dist
-        flag = torch.tensor([1.0 if self.signum is not None else 0.0])
-        if dist.is_initialized():
-            from limoe_ds.parallel.collectives import comm_device
-            flag = flag.to(comm_device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.stopping = flag.item() > 0
+        from limoe_ds.parallel.collectives import any_rank  # torch: only once training runs
+        self.stopping = any_rank(self.signum is not None)
         return self.stopping
 
     def restore(self) -> None:
