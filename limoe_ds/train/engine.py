@@ -1,9 +1,10 @@
-"""The one place that talks to DeepSpeed: process groups, the engine, a training step, evaluation.
+"""The DeepSpeed engine: the default process group, optimizer groups, ``deepspeed.initialize``, one step.
 
-The model stays a plain module (limoe_ds.model); this module initialises the process groups,
-splits the parameters into optimizer groups (no weight decay on norms, biases, embeddings and the
-temperature; MoE experts in their own groups, as DeepSpeed-MoE requires) and calls
-``deepspeed.initialize``.
+The model stays a plain module (limoe_ds.model; parallelism applied by limoe_ds.parallel); this
+module starts the default process group, splits the parameters into optimizer groups (no weight
+decay on norms, biases, embeddings and the temperature; MoE experts in their own groups, as
+DeepSpeed-MoE requires) and calls ``deepspeed.initialize``. DeepSpeed's workarounds are in
+limoe_ds.compat.deepspeed.
 """
 
 from __future__ import annotations
