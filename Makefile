@@ -1,7 +1,8 @@
 # The two set-up commands of the README: `make train` (main job) and `make test` (whole suite).
 # Both create .venv when it is missing and build the bundled dataset when it is missing. torch is
 # installed first from `torch==2.13.0`, the CPU wheel on this kind of machine, so that no other
-# requirement pulls a multi-GB CUDA build.
+# requirement pulls a multi-GB CUDA build. Also: `make unit` (the fast unit tests only) and
+# `make lint` (ruff check; .venv only, no dataset).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.limoe_ds-installed
 DATA := data/mini/manifest.json
 RANKS ?= 2
 
-.PHONY: venv data train test clean
+.PHONY: venv data train test unit lint clean
 
 venv: $(STAMP)
 
@@ -33,6 +34,14 @@ train: $(STAMP) $(DATA)
 
 test: $(STAMP) $(DATA)
 	$(PY) -m pytest tests -q
+
+# The fast part of the suite: the tests not marked integration (pytest.ini, tests/conftest.py).
+unit: $(STAMP) $(DATA)
+	$(PY) -m pytest tests -q -m unit
+
+# ruff check (ruff.toml); ruff comes with the test extra.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) runs

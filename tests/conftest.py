@@ -1,17 +1,74 @@
-"""Suite-wide guard: a launched run (test_train._launch) that outlives its test is killed.
+"""Suite-wide hooks and guards.
 
-A test that fails on a timeout (``communicate(timeout=...)`` raises, it does not kill) would
-otherwise leave the launcher and its ranks running in their own session for the rest of the
-suite, taking the CPU and memory every later test needs.
+Markers (registered in pytest.ini): tests that start processes are marked ``integration`` in their
+modules; every other test is marked ``unit`` here, so ``-m unit`` and ``-m integration`` partition
+the suite. A unit test that starts a process group, a subprocess or a multiprocessing process fails
+(:func:`_unit_tests_start_no_processes`): it must be marked integration.
+
+A launched run (test_train._launch) that outlives its test is killed: a test that fails on a
+timeout (``communicate(timeout=...)`` raises, it does not kill) would otherwise leave the launcher
+and its ranks running in their own session for the rest of the suite, taking the CPU and memory
+every later test needs.
 """
 
 from __future__ import annotations
 
+import multiprocessing.process
 import os
 import signal
+import subprocess
 import sys
 
 import pytest
+
+UNIT_GUARD = "_unit_tests_start_no_processes"
+MESSAGE = "a unit test must not start a process group / subprocess; mark it integration"
+
+
+class UnitTestStartedProcess(BaseException):
+    """Raised by the guarded entry points inside a unit test. A BaseException, like pytest's own
+    outcome exceptions, so that library code's ``except Exception`` does not turn it into another
+    error (torch's ninja probe, run by deepspeed.init_distributed on CPU, would report "Ninja is
+    required" instead)."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.unit)
+            # Set the guard up before every other fixture, the module-scoped ones included (pytest
+            # orders a test's fixtures by scope): a module fixture that starts a process group or a
+            # subprocess makes every test that uses it integration.
+            if UNIT_GUARD in item.fixturenames:
+                item.fixturenames.remove(UNIT_GUARD)
+                item.fixturenames.insert(0, UNIT_GUARD)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_processes(request):
+    """In a unit test: torch.distributed.init_process_group, deepspeed.init_distributed,
+    subprocess.Popen (so subprocess.run too) and multiprocessing's Process.start (DataLoader
+    workers, torch.multiprocessing) raise UnitTestStartedProcess."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+
+    def refuse(what: str):
+        def refused(*args, **kwargs):
+            raise UnitTestStartedProcess(f"{what}: {MESSAGE} ({request.node.nodeid})")
+        return refused
+
+    import torch.distributed  # every test imports torch anyway; deepspeed (seconds) only if already there
+
+    with pytest.MonkeyPatch.context() as mp:  # undone after this test, whatever the test's own monkeypatch does
+        mp.setattr(torch.distributed, "init_process_group", refuse("torch.distributed.init_process_group"))
+        deepspeed = sys.modules.get("deepspeed")
+        if deepspeed is not None and hasattr(deepspeed, "init_distributed"):
+            mp.setattr(deepspeed, "init_distributed", refuse("deepspeed.init_distributed"))
+        mp.setattr(subprocess.Popen, "__init__", refuse("subprocess.Popen"))
+        mp.setattr(multiprocessing.process.BaseProcess, "start", refuse("multiprocessing Process.start"))
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -24,6 +24,8 @@ from test_train import ROOT, _launch, _losses
 sys.path.insert(0, str(ROOT / "tools"))
 import convert_checkpoint as convert_tool  # noqa: E402
 
+pytestmark = pytest.mark.integration  # every test launches runs (_launch) or uses their checkpoints
+
 EP2_ZERO2 = ["ds.zero_optimization.stage=2", "eval.zero_shot=[]", "eval.max_batches=0"]
 
 
@@ -193,7 +195,8 @@ def test_reshard_ep2_to_1_to_2_and_to_tp2_keeps_adam_state_and_the_loss_curve(ep
     want = _losses(ep2_full_run)
     for out, ep in ((ep2, 2), (ep1, 1)):
         run = tmp_path / f"resumed_ep{ep}"
-        proc = _launch(run, 8, [*EP2_ZERO2, f"parallel.expert_parallel_size={ep}", "--resume", str(out / "step00000004")])
+        proc = _launch(run, 8, [*EP2_ZERO2, f"parallel.expert_parallel_size={ep}",
+                                "--resume", str(out / "step00000004")])
         log, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, log[-3000:]
         got = _losses(run)

@@ -53,6 +53,7 @@ def _run(*args):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.integration  # tools/model_summary.py in a subprocess
 def test_model_summary_prints_json_for_h14_on_meta():
     r = _run("tools/model_summary.py", "h14")
     assert r.returncode == 0, r.stderr
@@ -61,12 +62,14 @@ def test_model_summary_prints_json_for_h14_on_meta():
     assert d["num_experts"] == 32 and len(d["moe_layers"]) == 12
 
 
+@pytest.mark.integration  # tools/model_summary.py in a subprocess
 def test_model_summary_bad_preset_exits_2():
     r = _run("tools/model_summary.py", "x99")
     assert r.returncode == 2
     assert "unknown preset 'x99'" in r.stderr
 
 
+@pytest.mark.integration  # tools/model_summary.py in a subprocess
 def test_model_summary_layout_estimate_by_hand_and_bad_layouts():
     # h14 at tp=1, ep=32: 675,513,601 params per GPU = the active parameters per token (one expert
     # per layer), as checked above; ZeRO-2 bf16: weights 2 bytes each

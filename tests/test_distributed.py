@@ -27,6 +27,8 @@ import torch
 
 from dist_utils import run_ranks
 
+pytestmark = pytest.mark.integration  # every test runs gloo ranks (run_ranks)
+
 STEPS, B = 3, 4
 # Adam divides by sqrt(v) + eps: for an entry whose gradient is itself ~1e-7 (a rarely used token
 # row, without clipping) a rounding-level difference would flip a ~lr-sized update; eps 1e-4
@@ -49,7 +51,8 @@ def _contrastive_worker(rank, world):
     scale = torch.nn.Parameter(torch.tensor(7.0))
     x_img, x_txt = _features(1, 5 * world)
     sl = slice(rank * 5, (rank + 1) * 5)
-    loss = gathered_contrastive_loss(F.normalize(w_img(x_img[sl]), dim=-1), F.normalize(w_txt(x_txt[sl]), dim=-1), scale)
+    loss = gathered_contrastive_loss(F.normalize(w_img(x_img[sl]), dim=-1), F.normalize(w_txt(x_txt[sl]), dim=-1),
+                                     scale)
     loss.backward()
     params = [w_img.weight, w_img.bias, w_txt.weight, scale]
     grads = [p.grad.clone() for p in params]

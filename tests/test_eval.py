@@ -259,6 +259,7 @@ def _bench_worker(rank, world, specs):
     return zs, ret, record.summary(), None if record.images_BCHW is None else tuple(record.images_BCHW.shape)
 
 
+@pytest.mark.integration  # gloo ranks (run_ranks)
 def test_benchmarks_on_two_ranks_equal_one_rank_and_a_slow_reference(bench):
     specs = _specs(bench)
     one = run_ranks(_bench_worker, 1, specs)[0]
@@ -356,6 +357,7 @@ def _eval_worker(rank, world):
     return evaluate(model, val_loader=val, zero_shot_sets=[zs], tokenizer=tok, dp_rank=rank, dp_size=world)
 
 
+@pytest.mark.integration  # gloo ranks (run_ranks)
 def test_two_rank_dropless_evaluation_equals_one_rank():
     one = run_ranks(_eval_worker, 1)[0]
     two = run_ranks(_eval_worker, 2)
@@ -387,6 +389,7 @@ def tiny_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.integration  # tiny_run: a 1-rank process group
 def test_training_logs_expert_figures_to_tensorboard_at_each_evaluation(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(tiny_run / "tensorboard"))
@@ -402,6 +405,7 @@ def test_training_logs_expert_figures_to_tensorboard_at_each_evaluation(tiny_run
     assert "dropless/retrieval/i2t/R@1" in acc.Tags()["scalars"]
 
 
+@pytest.mark.integration  # tiny_run; tools/evaluate.py starts a process group
 def test_evaluate_tool_reports_the_benchmarks_of_a_checkpoint(tiny_run, bench, tmp_path, capsys):
     import sys
     sys.path.insert(0, str(ROOT / "tools"))
@@ -440,6 +444,7 @@ def test_evaluate_tool_reports_the_benchmarks_of_a_checkpoint(tiny_run, bench, t
     assert "two benchmarks are named 'coco'" in capsys.readouterr().err
 
 
+@pytest.mark.integration  # tiny_run
 def test_analyze_experts_writes_a_consistent_report_and_figures(tiny_run, tmp_path):
     """On the checkpoint of the fresh 4-step tiny run: counts add up, shares match, figures are drawn."""
     import sys

@@ -16,6 +16,7 @@ LEGACY = ROOT / "tests" / "assets" / "legacy"
 EXPECTED = json.loads((LEGACY / "expected.json").read_text())
 
 
+@pytest.mark.integration  # the deepspeed launcher (_launch)
 @pytest.mark.parametrize("layout", sorted(EXPECTED["layouts"]))
 def test_legacy_checkpoint_resumes_bitwise(tmp_path, layout):
     want = EXPECTED["layouts"][layout]

@@ -158,7 +158,8 @@ def test_launch_env_mapping(env, expected):
     ({**SRUN, "SLURM_LOCALID": "-1"}, "SLURM_LOCALID=-1 must be >= 0"),
     ({k: v for k, v in SRUN.items() if k != "SLURM_NTASKS"}, "SLURM_NTASKS is not set"),
     ({**SRUN, "SLURM_STEP_NODELIST": "gpu[07-"}, "SLURM_STEP_NODELIST: node list 'gpu[07-': '[' without ']'"),
-    ({**SRUN, "SLURM_STEP_NODELIST": "gpu[9-7]"}, "SLURM_STEP_NODELIST: node list 'gpu[9-7]': range '9-7' runs backwards"),
+    ({**SRUN, "SLURM_STEP_NODELIST": "gpu[9-7]"},
+     "SLURM_STEP_NODELIST: node list 'gpu[9-7]': range '9-7' runs backwards"),
     ({k: v for k, v in SRUN.items() if not k.endswith("NODELIST")}, "MASTER_ADDR is not set and neither is"),
     ({k: v for k, v in SRUN.items() if k != "SLURM_JOB_ID"}, "SLURM_JOB_ID is not set"),
 ])
@@ -202,6 +203,7 @@ print("survived", flush=True)
 """
 
 
+@pytest.mark.integration  # a Python subprocess
 @pytest.mark.parametrize("first,agree,survives", [("USR1", True, True), ("USR1", False, False),
                                                   ("TERM", False, False)])
 def test_stop_flag_records_a_signal_and_a_second_sigterm_still_kills(first, agree, survives):
@@ -216,6 +218,7 @@ def test_stop_flag_records_a_signal_and_a_second_sigterm_still_kills(first, agre
         assert p.returncode == -signal.SIGTERM and "survived" not in p.stdout
 
 
+@pytest.mark.integration  # subprocess.Popen(['true']) for a dead pid
 def test_signal_ranks_reaches_registered_pids_on_this_host(tmp_path):
     got = []
     previous = signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
@@ -479,6 +482,7 @@ def reference(slurm):
     return job, run_dir, info
 
 
+@pytest.mark.integration  # a real SLURM
 def test_sbatch_deepspeed_launcher_trains_checkpoints_and_logs(slurm, reference):
     from limoe_ds.checkpoint import io as checkpoint
     job, run_dir, info = reference
@@ -519,12 +523,14 @@ def _check_resumed_bitwise(info, log, run_dir, reference_run_dir):
     assert "stopped with a checkpoint (exit 75): requeueing" in log
     assert f"resumed from {run_dir / 'checkpoints' / f'step{stop:08d}'} at step {stop}" in log
     assert log.count("training exited with status 0") == 1
-    assert [p.name for p in checkpoint.complete_checkpoints(run_dir / "checkpoints")] == [f"step{stop:08d}", "step00000016"]
+    assert [p.name for p in checkpoint.complete_checkpoints(run_dir / "checkpoints")] == [
+        f"step{stop:08d}", "step00000016"]
     a, b = _losses(reference_run_dir), _losses(run_dir)
     assert sorted(b) == list(range(1, 17))
     assert [a[s] for s in a] == [b[s] for s in a]  # bitwise: same data, RNG and optimizer state
 
 
+@pytest.mark.integration  # a real SLURM
 def test_preempted_srun_job_requeues_itself_and_resumes_bitwise(slurm, reference):
     """srun mode (no ssh), one rank on each of the two nodes (or 2 on one if only one slurmd came up):
     the batch shell forwards the signal to srun, which passes it to every task."""
@@ -535,6 +541,7 @@ def test_preempted_srun_job_requeues_itself_and_resumes_bitwise(slurm, reference
     _check_resumed_bitwise(info, log, run_dir, reference[1])
 
 
+@pytest.mark.integration  # a real SLURM
 def test_preempted_deepspeed_launcher_job_forwards_the_signal_and_resumes_bitwise(slurm, reference):
     """The deepspeed launcher would kill its ranks on SIGTERM and dies on SIGUSR1: the batch shell
     signals the ranks themselves (their PID files)."""
@@ -544,6 +551,7 @@ def test_preempted_deepspeed_launcher_job_forwards_the_signal_and_resumes_bitwis
     _check_resumed_bitwise(info, log, run_dir, reference[1])
 
 
+@pytest.mark.integration  # a real SLURM
 def test_evaluate_job_on_two_srun_ranks(slurm, reference):
     nodes = len(slurm.nodes)
     ckpt = reference[1] / "checkpoints" / "step00000016"
@@ -559,6 +567,7 @@ def test_evaluate_job_on_two_srun_ranks(slurm, reference):
     assert report["metrics"]["dropless/val/pairs"] == 512  # eval.max_batches=1 from the run: one batch per rank
 
 
+@pytest.mark.integration  # a real SLURM
 @pytest.mark.skipif(not (ROOT / "tools" / "convert_checkpoint.py").exists(),
                     reason="tools/convert_checkpoint.py (issue #7) is not in this tree")
 def test_convert_job_passes_its_arguments_through(slurm, reference):

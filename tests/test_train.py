@@ -58,22 +58,33 @@ BAD = [
     ("unknown key", lambda r: r["limoe"]["train"].update(stepz=3), [], "train.stepz: unknown key"),
     ("unknown section", lambda r: r["limoe"].update(optim={}), [], "limoe.optim: unknown section"),
     ("wrong type", lambda r: r["limoe"]["train"].update(steps="many"), [], "train.steps: must be an int"),
-    ("batch arithmetic", lambda r: r.update(train_batch_size=100), [], "train_batch_size: 100 != train_micro_batch_size_per_gpu (64)"),
-    ("gradient accumulation", lambda r: r.update(gradient_accumulation_steps=2), [], "gradient_accumulation_steps: must be 1"),
+    ("batch arithmetic", lambda r: r.update(train_batch_size=100), [],
+     "train_batch_size: 100 != train_micro_batch_size_per_gpu (64)"),
+    ("gradient accumulation", lambda r: r.update(gradient_accumulation_steps=2), [],
+     "gradient_accumulation_steps: must be 1"),
     ("experts vs ep", lambda r: None, ["parallel.expert_parallel_size=3"], "does not divide"),
-    ("world vs layout", lambda r: None, ["WORLD=3"], "parallel.expert_parallel_size: ep=2 does not divide the data-parallel size 3"),
-    ("world vs tp", lambda r: None, ["WORLD=3", "parallel.tensor_parallel_size=2"], "parallel.tensor_parallel_size: world size 3 is not divisible by tp=2"),
-    ("tp vs heads", lambda r: None, ["WORLD=8", "parallel.tensor_parallel_size=8", "parallel.expert_parallel_size=1", "ds.train_batch_size=64"], "tp=8 does not divide model.num_heads=4"),
-    ("tp x ep vs world", lambda r: None, ["parallel.tensor_parallel_size=2"], "ep=2 does not divide the data-parallel size 1 (world 2 / tp 2)"),
-    ("image vs patch", lambda r: r["limoe"]["model"].update(image_size=30), [], "model.image_size: 30 is not divisible by patch_size 8"),
-    ("missing data", lambda r: None, ["data.train=/nonexistent/shards"], "data.train[0]: '/nonexistent/shards' matches no file"),
+    ("world vs layout", lambda r: None, ["WORLD=3"],
+     "parallel.expert_parallel_size: ep=2 does not divide the data-parallel size 3"),
+    ("world vs tp", lambda r: None, ["WORLD=3", "parallel.tensor_parallel_size=2"],
+     "parallel.tensor_parallel_size: world size 3 is not divisible by tp=2"),
+    ("tp vs heads", lambda r: None,
+     ["WORLD=8", "parallel.tensor_parallel_size=8", "parallel.expert_parallel_size=1", "ds.train_batch_size=64"],
+     "tp=8 does not divide model.num_heads=4"),
+    ("tp x ep vs world", lambda r: None, ["parallel.tensor_parallel_size=2"],
+     "ep=2 does not divide the data-parallel size 1 (world 2 / tp 2)"),
+    ("image vs patch", lambda r: r["limoe"]["model"].update(image_size=30), [],
+     "model.image_size: 30 is not divisible by patch_size 8"),
+    ("missing data", lambda r: None, ["data.train=/nonexistent/shards"],
+     "data.train[0]: '/nonexistent/shards' matches no file"),
     ("missing tokenizer", lambda r: None, ["tokenizer=/nope.json"], "tokenizer: '/nope.json' does not exist"),
     ("zero 3", lambda r: r["zero_optimization"].update(stage=3), [], "zero_optimization.stage: 3 is not supported"),
     ("zero 0 clipping with ep", lambda r: r["zero_optimization"].update(stage=0), [], "clips by a wrong gradient norm"),
-    ("schedule length", lambda r: r["scheduler"]["params"].update(total_num_steps=7), [], "scheduler.params.total_num_steps: 7 != train.steps"),
+    ("schedule length", lambda r: r["scheduler"]["params"].update(total_num_steps=7), [],
+     "scheduler.params.total_num_steps: 7 != train.steps"),
     ("bad moe key", lambda r: r["limoe"]["model"].update(moe={"capacity": 2}), [], "moe.capacity: unknown key"),
     ("unknown preset", lambda r: r["limoe"]["model"].update(preset="b99"), [], "unknown preset 'b99'"),
-    ("world size pinned", lambda r: r["limoe"]["parallel"].update(world_size=8), [], "parallel.world_size: this config is written for 8 ranks"),
+    ("world size pinned", lambda r: r["limoe"]["parallel"].update(world_size=8), [],
+     "parallel.world_size: this config is written for 8 ranks"),
     ("bad override", lambda r: None, ["trainsteps"], "--set: expected KEY=VALUE"),
     ("no limoe block", lambda r: r.pop("limoe"), [], "limoe: the DeepSpeed config needs"),
 ]
@@ -120,6 +131,7 @@ def smoke_run(tmp_path_factory):
     return run_dir, train(cfg, rank=0, world=1, resume="none")
 
 
+@pytest.mark.integration  # smoke_run: a 1-rank process group and the engine
 def test_smoke_run_trains_logs_and_checkpoints(smoke_run):
     run_dir, summary = smoke_run
     assert summary["steps"] == 8 and len(summary["losses"]) == 8
@@ -131,7 +143,8 @@ def test_smoke_run_trains_logs_and_checkpoints(smoke_run):
         zs = f"{mode}/zeroshot/fashion_mnist"
         assert ev[f"{zs}/images"] == 10000 and 0 <= ev[f"{zs}/top1"] <= ev[f"{zs}/top5"] <= 1
         assert ev[f"{zs}/chance_top1"] == 0.1
-    assert [p.name for p in checkpoint.complete_checkpoints(run_dir / "checkpoints")] == ["step00000004", "step00000008"]
+    assert [p.name for p in checkpoint.complete_checkpoints(run_dir / "checkpoints")] == [
+        "step00000004", "step00000008"]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss/total" in r]
     assert [r["step"] for r in train_rows] == list(range(1, 9))
@@ -149,6 +162,7 @@ def test_smoke_run_trains_logs_and_checkpoints(smoke_run):
     assert all(0 < v <= 1 for v in success.values())
 
 
+@pytest.mark.integration  # smoke_run
 def test_golden_loss_curve(smoke_run):
     """A silent change in numerics fails here. Regenerate deliberately with LIMOE_UPDATE_GOLDEN=1."""
     losses = smoke_run[1]["losses"]
@@ -160,6 +174,7 @@ def test_golden_loss_curve(smoke_run):
     assert losses == pytest.approx(golden, rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.integration  # smoke_run's checkpoints
 def test_interrupted_save_keeps_the_previous_checkpoint(smoke_run, tmp_path, monkeypatch):
     run_dir, _ = smoke_run
     import shutil
@@ -198,6 +213,7 @@ def test_resume_from_incomplete_or_foreign_checkpoint_is_a_clear_error(tmp_path)
         checkpoint.load(None, tmp_path / "step00000003")
 
 
+@pytest.mark.integration  # train() on smoke_run's process group
 def test_non_finite_losses_skip_steps_then_stop(smoke_run, tmp_path, monkeypatch):
     from limoe_ds.train import engine as eng
     from limoe_ds.train.trainer import train
@@ -215,6 +231,7 @@ def test_non_finite_losses_skip_steps_then_stop(smoke_run, tmp_path, monkeypatch
     assert checkpoint.find_latest(tmp_path / "checkpoints") is None
 
 
+@pytest.mark.integration  # the engine, on smoke_run's process group
 def test_a_non_finite_batch_is_skipped_without_touching_the_weights(smoke_run):
     from limoe_ds.train.engine import build_engine, train_step
     from limoe_ds.model import build_model
@@ -257,7 +274,8 @@ def _launch(run_dir: Path, steps: int, extra=(), ranks: int = 2) -> subprocess.P
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()),
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+           "--master_port", str(free_port()),
            str(ROOT / "launch" / "pretrain.py"), "--deepspeed_config", str(TINY), "--set", f"train.steps={steps}",
            f"train.run_dir={run_dir}", "train.log_every=1", "train.save_every=4", "logging.progress_bar=false",
            "ds.scheduler.params.warmup_num_steps=2", "eval.max_batches=1", *extra]
@@ -280,6 +298,7 @@ def _shm_buffers() -> set[Path]:
     return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
 
 
+@pytest.mark.integration  # the deepspeed launcher (_launch)
 def test_resume_after_kill_9_continues_bitwise(tmp_path):
     steps = 12
     shm_before = _shm_buffers()
@@ -328,6 +347,7 @@ TP2 = ["parallel.tensor_parallel_size=2", "parallel.expert_parallel_size=1", "ds
        "eval.zero_shot=[]"]
 
 
+@pytest.mark.integration  # the deepspeed launcher (_launch)
 def test_tensor_parallel_2_run_resumes_bitwise_and_evaluates_on_one_rank(tmp_path):
     """The real entry point at TP=2: both tp ranks' shards are checkpointed (DeepSpeed would keep
     only tp rank 0's), a resume continues bitwise, and the consolidated checkpoint evaluated on one
@@ -370,7 +390,8 @@ def test_tensor_parallel_2_run_resumes_bitwise_and_evaluates_on_one_rank(tmp_pat
 
     # reshard tp=2 (2 ranks, dp 1) -> tp=1 on 1 rank (dp 1: the data position carries over); the
     # resumed run continues the curve up to the row-parallel summation order (1e-5 relative)
-    assert convert_tool.main(["reshard", str(ckpt4), str(tmp_path / "tp1"), "--tp", "1", "--ep", "1", "--world", "1"]) == 0
+    assert convert_tool.main(["reshard", str(ckpt4), str(tmp_path / "tp1"),
+                              "--tp", "1", "--ep", "1", "--world", "1"]) == 0
     one = _launch(tmp_path / "one_rank", steps, [*TP2, "parallel.tensor_parallel_size=1", "ds.train_batch_size=64",
                                                  "--resume", str(tmp_path / "tp1" / "step00000004")], ranks=1)
     out, _ = one.communicate(timeout=600)

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     types = torch.tensor([TOKEN_IMAGE] * (3 * S // 4) + [TOKEN_TEXT] * (S - 3 * S // 4))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d={args.width}, mlp={args.mlp_dim}, "
           f"{S} tokens, cf=1.0, forward+backward, median of {args.repeats}\n")
-    print("| E | dense FFN ms | LIMoE ms | DeepSpeed TopKGate ms | LIMoE / dense | DeepSpeed / dense | LIMoE / DeepSpeed |")
+    print("| E | dense FFN ms | LIMoE ms | DeepSpeed TopKGate ms | LIMoE / dense | DeepSpeed / dense "
+          "| LIMoE / DeepSpeed |")
     print("|---|---|---|---|---|---|---|")
     for E in args.experts:
         med = time_interleaved(steps(*build(args.width, args.mlp_dim, E), x, types), args.repeats, args.warmup)

@@ -345,13 +345,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     tok = train_bpe([p["caption"] for p in train], vocab_size=args.vocab_size)
     tok.save(os.path.join(args.out, "tokenizer.json"))
-    manifest["tokenizer"] = {"path": "tokenizer.json", "vocab_size": tok.get_vocab_size(), "trained_on": "train captions"}
+    manifest["tokenizer"] = {"path": "tokenizer.json", "vocab_size": tok.get_vocab_size(),
+                             "trained_on": "train captions"}
     manifest["bytes"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.out) for f in fs
                             if f != "manifest.json")
     with open(os.path.join(args.out, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
-    print(f"wrote {args.out}: {len(train)} train, {len(val)} val, {manifest['fashion_mnist']['zeroshot']['num_samples']} "
-          f"zero-shot, vocab {tok.get_vocab_size()}, {manifest['bytes'] / 1e6:.1f} MB in {time.time() - t0:.0f} s")
+    print(f"wrote {args.out}: {len(train)} train, {len(val)} val, "
+          f"{manifest['fashion_mnist']['zeroshot']['num_samples']} zero-shot, vocab {tok.get_vocab_size()}, "
+          f"{manifest['bytes'] / 1e6:.1f} MB in {time.time() - t0:.0f} s")
     return 0
 
 

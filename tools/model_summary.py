@@ -74,7 +74,8 @@ def _run_defaults(preset_or_path: str) -> dict:
     return {"zero_stage": raw.get("zero_optimization", {}).get("stage", 0),
             "bf16": bool(raw.get("bf16", {}).get("enabled", False)),
             "micro_batch": raw.get("train_micro_batch_size_per_gpu", 64),
-            "activation_checkpointing": bool(raw.get("limoe", {}).get("train", {}).get("activation_checkpointing", False))}
+            "activation_checkpointing": bool(
+                raw.get("limoe", {}).get("train", {}).get("activation_checkpointing", False))}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from limoe_ds.data import DataConfig, DataError, build_eval_loader, build_train_
 PER_KIND = 12   # of each bad kind; 12 / 204 records = 5.9% each
 GOOD = 60
 MAX_PIXELS = 2000  # good images are 20 x 14 = 280 px, "huge" ones 60 x 50 = 3000 px
+WORKERS = pytest.mark.integration  # num_workers > 0 starts data-loader worker processes
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>'
 
 
@@ -58,7 +59,8 @@ def build_bad_shards(root):
         shard = shards[d % 4]
         first = next(m for m in shard if m[0][0].endswith(".png") and m[-1][1].startswith(b"item"))
         shard.append([(first[0][0], image_bytes(5000 + d)), (first[0][0].replace(".png", ".txt"), b"item 5000 dup")])
-    paths = [write_tar(root / f"bad-{s}.tar", [m for sample in shard for m in sample]) for s, shard in enumerate(shards)]
+    paths = [write_tar(root / f"bad-{s}.tar", [m for sample in shard for m in sample])
+             for s, shard in enumerate(shards)]
     (root / "garbage.tar").write_bytes(b"this is not a tar file" * 100)
     trunc = write_tar(root / "trunc.tar", [m for i in range(2000, 2010)
                                            for m in ((f"t{i}.png", image_bytes(i, size=(40, 40))),
@@ -92,7 +94,7 @@ def test_every_kind_is_at_least_five_percent(bad):
     assert PER_KIND / records >= 0.05
 
 
-@pytest.mark.parametrize("dp, workers", [(1, 0), (1, 2), (2, 2)])
+@pytest.mark.parametrize("dp, workers", [(1, 0), pytest.param(1, 2, marks=WORKERS), pytest.param(2, 2, marks=WORKERS)])
 def test_eval_counts_are_exact(bad, dp, workers, caplog):
     paths, tok = bad
     cfg = DataConfig(val=paths, num_workers=workers, max_image_pixels=MAX_PIXELS)
@@ -106,6 +108,7 @@ def test_eval_counts_are_exact(bad, dp, workers, caplog):
     assert counts == EXPECTED
 
 
+@pytest.mark.integration  # data-loader worker processes
 def test_training_keeps_going_and_counts(bad):
     paths, tok = bad
     cfg = DataConfig(train=[{"path": paths}], num_workers=2, max_image_pixels=MAX_PIXELS, shuffle_buffer=32)
@@ -130,7 +133,7 @@ def test_empty_data_paths_are_one_line_errors(tmp_path, bad):
         build_eval_loader(DataConfig(), **kw)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=WORKERS)])
 def test_nothing_usable_is_one_line_error(tmp_path, bad, workers):
     _, tok = bad
     path = write_tar(tmp_path / "allbad.tar", [m for i in range(6) for m in bad_members("corrupt_image", i, f"k{i}")])

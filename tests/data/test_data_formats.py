@@ -14,6 +14,7 @@ from data_helpers import caption, image_bytes, item_ids, make_tokenizer, pair_sh
 from limoe_ds.data import DataConfig, build_eval_loader, build_train_loader
 
 N = 30
+WORKERS = pytest.mark.integration  # num_workers > 0 starts data-loader worker processes
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_webdataset_gzipped_and_image_types(tmp_path, tok):
     assert read_all(tok, str(path)) == list(range(N))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=WORKERS)])
 def test_parquet_bytes_column(tmp_path, tok, workers):
     for s in range(2):
         rows = [{"image": image_bytes(i), "caption": caption(i), "key": f"k{i}"} for i in range(s * 15, s * 15 + 15)]

@@ -11,6 +11,7 @@ import re
 import tarfile
 from pathlib import Path
 
+import pytest
 import torch
 
 from limoe_ds.data import DataConfig, Tokenizer, build_eval_loader, build_train_loader
@@ -81,6 +82,7 @@ def test_tokenizer_fits_tiny_preset():
     assert tok.decode(row) == "a marmot." and row[row != 0][-1] == tok.eos_id
 
 
+@pytest.mark.integration  # data-loader worker processes
 def test_loaders_read_the_real_data():
     tok = load_tokenizer()
     cfg = DataConfig(train=[str(ROOT / "train" / "*.tar")], val=str(ROOT / "val"), num_workers=2,

@@ -11,6 +11,7 @@ from limoe_ds.data import DataConfig, build_train_loader
 from limoe_ds.data.loader import epoch_start_state
 
 BATCH, TOTAL = 5, 24
+WORKERS = pytest.mark.integration  # num_workers > 0 starts data-loader worker processes
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,8 @@ def take(it, n):
     return [next(it) for _ in range(n)]
 
 
-@pytest.mark.parametrize("workers, mixed", [(0, False), (2, False), (0, True), (2, True)])
+@pytest.mark.parametrize("workers, mixed", [(0, False), pytest.param(2, False, marks=WORKERS), (0, True),
+                                            pytest.param(2, True, marks=WORKERS)])
 def test_resume_matches_uninterrupted_run(data, workers, mixed):
     root, tok = data
     cfg = cfg_for(root, workers, mixed)

@@ -9,6 +9,8 @@ from data_helpers import item_ids, make_tokenizer, pair_shards
 from limoe_ds.data import DataConfig, build_eval_loader, build_train_loader
 from limoe_ds.data.stream import ReaderId, assign
 
+WORKERS = pytest.mark.integration  # num_workers > 0 starts data-loader worker processes
+
 
 def owners(num_shards: int, records: int, dp: int, workers: int) -> dict:
     """(shard, record) -> list of readers that read it."""
@@ -57,7 +59,7 @@ def shards(tmp_path_factory):
 
 
 @pytest.mark.parametrize("sub, total", [("even", 40), ("odd", 33)])
-@pytest.mark.parametrize("dp, workers", [(2, 0), (4, 0), (2, 2)])
+@pytest.mark.parametrize("dp, workers", [(2, 0), (4, 0), pytest.param(2, 2, marks=WORKERS)])
 def test_eval_ranks_disjoint_and_complete(shards, sub, total, dp, workers):
     root, tok = shards
     cfg = DataConfig(val=str(root / sub / "*.tar"), num_workers=workers)
@@ -109,6 +111,7 @@ def test_mixing_follows_weights_and_shuffles(tmp_path_factory):
     assert a_ids[200:] != a_ids[: len(a_ids) - 200]  # the next epoch comes in another order
 
 
+@pytest.mark.integration  # data-loader worker processes
 def test_zero_and_one_worker_are_the_same_stream(shards):
     root, tok = shards
     runs = []
