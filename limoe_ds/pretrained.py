@@ -69,7 +69,8 @@ class Pretrained:
         from limoe_ds.eval.metrics import zero_shot_classifier
         bad = [t for t in templates if "{}" not in t]
         if bad or not templates or not class_names:
-            raise ValueError(f"zero_shot_classifier needs class names and templates with '{{}}'; got {bad[:1] or templates!r}")
+            raise ValueError(f"zero_shot_classifier needs class names and templates with '{{}}'; "
+                             f"got {bad[:1] or templates!r}")
         prompts = [t.format(c) for c in class_names for t in templates]
         emb = self.encode_text(self.tokenize(prompts))
         return zero_shot_classifier(emb.view(len(class_names), len(templates), -1))

@@ -13,7 +13,8 @@ def test_the_installed_deepspeed_is_the_one_the_workarounds_are_for():
 
 @pytest.mark.parametrize("version", ["0.19.9", "0.20.0", "0.18.5"])
 def test_another_deepspeed_version_fails_clearly(version):
-    with pytest.raises(compat.CompatError, match=rf"deepspeed {version} is installed; .*pip install deepspeed==0\.19\.8"):
+    want = rf"deepspeed {version} is installed; .*pip install deepspeed==0\.19\.8"
+    with pytest.raises(compat.CompatError, match=want):
         compat.check_version(version)
 
 

@@ -112,7 +112,8 @@ def _routing_tensors(routing) -> dict:
     """Each MoE layer's counts and capacity as named tensors (for bitwise comparisons)."""
     out = {}
     for s in routing:
-        out.update({f"layer{s.layer}/{k}": t.clone() for k, t in zip(("routed", "kept", "entropy", "probs"), s.counts())})
+        names = ("routed", "kept", "entropy", "probs")
+        out.update({f"layer{s.layer}/{k}": t.clone() for k, t in zip(names, s.counts())})
         out[f"layer{s.layer}/capacity"] = torch.tensor(s.capacity)
     return out
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from limoe_ds.config.model import MoEConfig
-from limoe_ds.moe.routing import TOKEN_IMAGE, TOKEN_PAD, TOKEN_TEXT, expert_capacity, load_loss, route_top1, top1_assign, z_loss
+from limoe_ds.moe.routing import (TOKEN_IMAGE, TOKEN_PAD, TOKEN_TEXT, expert_capacity, load_loss, route_top1,
+                                  top1_assign, z_loss)
 
 from slow_reference import global_entropy_loss, importance_loss, local_entropy_loss, reference_top1_assign
 

@@ -137,7 +137,8 @@ def read_full_state(ckpt_dir: str | os.PathLike, keep: Callable[[str], bool] | N
         weights[name], exp_avg[name], exp_avg_sq[name] = values["fp32"], values["exp_avg"], values["exp_avg_sq"]
     _check_against_config(weights, model_cfg, ckpt_dir, keep)
     return FullState(weights, exp_avg, exp_avg_sq, adam_step, int(marker["step"]), cfg, layout,
-                     lr_scheduler=lanes[0].get("lr_scheduler"), global_steps=int(lanes[0].get("global_steps", marker["step"])),
+                     lr_scheduler=lanes[0].get("lr_scheduler"),
+                     global_steps=int(lanes[0].get("global_steps", marker["step"])),
                      optimizer_template=template)
 
 
@@ -241,7 +242,8 @@ def _zero0_parts(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg, n
                 if state is None:
                     raise CheckpointError(f"{path}: no Adam state for parameter {i} ({gname}); the run saved before "
                                           f"its first optimizer step, or the file is damaged")
-                fp32 = master[i] if bf16 else _zero0_module_weight(ckpt_dir, lanes[t], gname, t, moe_layer, expert_files)
+                fp32 = (master[i] if bf16 else
+                        _zero0_module_weight(ckpt_dir, lanes[t], gname, t, moe_layer, expert_files))
                 values = {"fp32": fp32.float().clone(), "exp_avg": state["exp_avg"].float().clone(),
                           "exp_avg_sq": state["exp_avg_sq"].float().clone()}
                 adam_step[gname] = int(state["step"])

@@ -146,7 +146,8 @@ def load(engine, ckpt_dir: Path) -> tuple[int, dict[str, Any]]:
     if state is not None and (saved.tp, saved.ep) != (state.layout.tp, state.layout.ep):
         raise ValueError(f"--resume: {ckpt_dir} was saved at tp={saved.tp}, ep={saved.ep}; this run is "
                          f"tp={state.layout.tp}, ep={state.layout.ep}: convert it first with "
-                         f"tools/convert_checkpoint.py reshard --tp {state.layout.tp} --ep {state.layout.ep} --world {world}")
+                         f"tools/convert_checkpoint.py reshard --tp {state.layout.tp} --ep {state.layout.ep} "
+                         f"--world {world}")
     rank_file = fmt.rank_state(ckpt_dir, _rank())
     if not rank_file.is_file():
         raise ValueError(f"--resume: {rank_file} is missing; the checkpoint is incomplete")

@@ -29,8 +29,9 @@ class CompatError(ValueError):
 def check_version(version: str) -> None:
     if version != DEEPSPEED_VERSION:
         raise CompatError(f"deepspeed {version} is installed; limoe_ds works around bugs of deepspeed "
-                          f"{DEEPSPEED_VERSION} (limoe_ds/compat/deepspeed.py): pip install deepspeed=={DEEPSPEED_VERSION}, "
-                          f"or port each workaround there and its test before upgrading")
+                          f"{DEEPSPEED_VERSION} (limoe_ds/compat/deepspeed.py): pip install "
+                          f"deepspeed=={DEEPSPEED_VERSION}, or port each workaround there and its test "
+                          f"before upgrading")
 
 
 @functools.cache

@@ -96,7 +96,8 @@ class DataConfig:
         self.train = [_as_source(s, f"data.train[{i}]") for i, s in enumerate(train)]
         if self.val is not None:
             self.val = _as_source(self.val, "data.val")
-        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1 (1 = no shuffling), got {self.shuffle_buffer}")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer",
+               f"must be >= 1 (1 = no shuffling), got {self.shuffle_buffer}")
         _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         _check(self.prefetch_factor >= 1, "data.prefetch_factor", f"must be >= 1, got {self.prefetch_factor}")
         _check(self.max_image_pixels >= 1, "data.max_image_pixels", f"must be >= 1, got {self.max_image_pixels}")

@@ -68,7 +68,8 @@ class TrainConfig:
     """Recompute each block in the backward pass (same router noise: RNG state is replayed)."""
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.steps, int) and self.steps >= 1, "train.steps", f"must be an int >= 1, got {self.steps!r}")
+        _check(isinstance(self.steps, int) and self.steps >= 1, "train.steps",
+               f"must be an int >= 1, got {self.steps!r}")
         for k in ("save_every", "log_every", "max_consecutive_nonfinite", "keep_last"):
             v = getattr(self, k)
             _check(isinstance(v, int) and v >= 0, f"train.{k}", f"must be an int >= 0, got {v!r}")
@@ -245,9 +246,11 @@ def resolve(raw: dict[str, Any], *, world_size: int, check_paths: bool = True) -
     """Validate a DeepSpeed JSON with its "limoe" block for ``world_size`` ranks."""
     raw = copy.deepcopy(raw)
     block = raw.pop("limoe", None)
-    _check(isinstance(block, Mapping), "limoe", "the DeepSpeed config needs a \"limoe\" block (see ds_configs/tiny.json)")
+    _check(isinstance(block, Mapping), "limoe",
+           "the DeepSpeed config needs a \"limoe\" block (see ds_configs/tiny.json)")
     unknown = sorted(set(block) - _SECTIONS)
-    _check(not unknown, f"limoe.{unknown[0] if unknown else ''}", f"unknown section; valid ones are {sorted(_SECTIONS)}")
+    _check(not unknown, f"limoe.{unknown[0] if unknown else ''}",
+           f"unknown section; valid ones are {sorted(_SECTIONS)}")
     for required in ("model", "data", "tokenizer", "train"):
         _check(required in block, f"limoe.{required}", "is required")
     model = model_config(block["model"])
@@ -273,7 +276,8 @@ def _check_layout(cfg: RunConfig, world_size: int) -> None:
     want = cfg.parallel.world_size
     _check(want is None or want == world_size, "parallel.world_size",
            f"this config is written for {want} ranks but {world_size} were launched; launch {want} "
-           f"(e.g. deepspeed --num_gpus/--num_nodes) or --set parallel.world_size={world_size} after checking the batch")
+           f"(e.g. deepspeed --num_gpus/--num_nodes) or --set parallel.world_size={world_size} "
+           f"after checking the batch")
     moe = cfg.model.moe
     problems = check_layout(world_size, tp=tp, ep=ep, num_experts=moe.num_experts if moe else None,
                             num_heads=cfg.model.num_heads, mlp_dim=cfg.model.mlp_dim, dense=moe is None)

@@ -233,7 +233,8 @@ class EvalLoader(_Loader):
         if n == 0:
             raise DataError(f"data.val: rank {self.dp_rank}/{self.dp_size} got no usable sample from "
                             f"{self.sources[0].shards[0]!r} ({len(self.sources[0].shards)} shards; skipped: "
-                            f"{ {k: v for k, v in self._counts.items() if v} }); check the data or use fewer ranks/workers")
+                            f"{ {k: v for k, v in self._counts.items() if v} }); "
+                            f"check the data or use fewer ranks/workers")
 
 
 def _check_args(image_size: int, text_len: int, batch_size: int, dp_rank: int, dp_size: int) -> None:

@@ -89,7 +89,7 @@ class Block(nn.Module):
 
     def _moe(self, h_img_BID, h_txt_BTD, txt_valid_BT, capacity_factor):
         """Canonical pool order: all image tokens (sample by sample), then all text tokens."""
-        (B_i, I, D), (B_t, T, _) = h_img_BID.shape, h_txt_BTD.shape
+        (B_i, I, D), (B_t, T, _) = h_img_BID.shape, h_txt_BTD.shape  # noqa: E741 (I: patches, the legend)
         pool_SD = torch.cat([h_img_BID.reshape(B_i * I, D), h_txt_BTD.reshape(B_t * T, D)])
         type_S = torch.cat([
             torch.full((B_i * I,), TOKEN_IMAGE, dtype=torch.long, device=pool_SD.device),

@@ -20,17 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from limoe_ds.compat import deepspeed as compat
+from limoe_ds.config.model import MoEConfig
+from limoe_ds.moe.routing import Routing, expert_capacity, route_top1
+from limoe_ds.moe.stats import RoutingStats
+from limoe_ds.parallel.collectives import max_over_ranks
 
 compat.deepspeed()  # quietly imported, version-checked
 with compat.quiet_import():
     from deepspeed.moe.experts import Experts
     from deepspeed.moe.layer import MoE
     from deepspeed.moe.sharded_moe import MOELayer
-
-from limoe_ds.config.model import MoEConfig
-from limoe_ds.moe.routing import Routing, expert_capacity, route_top1
-from limoe_ds.moe.stats import RoutingStats
-from limoe_ds.parallel.collectives import max_over_ranks
 
 
 class MLP(nn.Module):

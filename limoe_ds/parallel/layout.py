@@ -86,7 +86,8 @@ def check_layout(world_size: int, *, tp: int, ep: int, num_experts: int | None =
         problems.append(("parallel.expert_parallel_size", "the model has no MoE layer (dense twin); set it to 1"))
     if num_experts is not None and num_experts % ep:
         problems.append(("parallel.expert_parallel_size",
-                         f"ep={ep} does not divide model.moe.num_experts={num_experts}; use a divisor of {num_experts}"))
+                         f"ep={ep} does not divide model.moe.num_experts={num_experts}; "
+                         f"use a divisor of {num_experts}"))
     for what, n in (("num_heads", num_heads), ("mlp_dim", mlp_dim)):
         if n is not None and n % tp:
             problems.append(("parallel.tensor_parallel_size",

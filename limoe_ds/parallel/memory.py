@@ -99,7 +99,8 @@ def estimate(cfg: ModelConfig, *, tp: int, ep: int, dp: int, zero_stage: int = 2
     we, ge, oe = states(expert, edp)
     acts = _activation_bytes(cfg, tp, micro_batch, w_bytes, activation_checkpointing)
     total = ws + gs + os_ + we + ge + oe + acts
-    return MemoryEstimate(tp=tp, ep=ep, dp=dp, world_size=world, zero_stage=zero_stage, dtype="bf16" if bf16 else "fp32",
+    return MemoryEstimate(tp=tp, ep=ep, dp=dp, world_size=world, zero_stage=zero_stage,
+                          dtype="bf16" if bf16 else "fp32",
                           micro_batch=micro_batch, activation_checkpointing=activation_checkpointing,
                           params_per_rank=shared + expert, shared_params_per_rank=shared, expert_params_per_rank=expert,
                           weights_gib=round((ws + we) / GIB, 3), gradients_gib=round((gs + ge) / GIB, 3),

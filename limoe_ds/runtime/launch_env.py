@@ -84,7 +84,8 @@ def launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
                                  f"(unset {have} to run as a single process)")
         launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
         out = LaunchEnv(launcher, _int(env, "RANK"), _int(env, "LOCAL_RANK", default=0), _int(env, "WORLD_SIZE"),
-                        env.get("MASTER_ADDR"), _port(env["MASTER_PORT"], "MASTER_PORT") if "MASTER_PORT" in env else None)
+                        env.get("MASTER_ADDR"),
+                        _port(env["MASTER_PORT"], "MASTER_PORT") if "MASTER_PORT" in env else None)
         names = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
     elif "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
         out = _from_srun(env)

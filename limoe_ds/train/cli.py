@@ -29,8 +29,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON with a \"limoe\" block")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="dotted overrides of the limoe block, e.g. train.steps=200 data.train=/shards (ds.KEY for DeepSpeed keys)")
-    ap.add_argument("--resume", default="auto", help="auto (latest complete checkpoint in run_dir, if any), none, or a checkpoint dir")
+                    help="dotted overrides of the limoe block, e.g. train.steps=200 data.train=/shards "
+                         "(ds.KEY for DeepSpeed keys)")
+    ap.add_argument("--resume", default="auto",
+                    help="auto (latest complete checkpoint in run_dir, if any), none, or a checkpoint dir")
     ap.add_argument("--pid-dir", help="write this rank's PID into DIR (for a batch script to forward a "
                                       "preemption signal past the deepspeed launcher; launch/slurm/pretrain.sbatch)")
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
