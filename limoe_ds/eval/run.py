@@ -36,7 +36,7 @@ def _group():
     return parallel.data_parallel_group()
 
 
-def lockstep(batches: Iterable, device, make_dummy: Callable[[], object]) -> Iterator[tuple[object, bool]]:
+def lockstep(batches: Iterable, make_dummy: Callable[[], object]) -> Iterator[tuple[object, bool]]:
     """Yield (batch, real) until EVERY rank is out of data; real=False marks a dummy pass."""
     it = iter(batches)
     while True:
@@ -135,7 +135,7 @@ def embed_pairs(model, loader, *, max_batches: int = 0, record: RoutingRecord | 
     txts = {m: [] for m, _ in runs}
     loss_sum = {m: torch.zeros(2, dtype=torch.float64, device=device) for m, _ in runs}
     with expert_choices(model, enabled=record is not None and record.sample_images > 0) as experts:
-        for n, (batch, real) in enumerate(lockstep(loader, device, lambda: _dummy_pair(model))):
+        for n, (batch, real) in enumerate(lockstep(loader, lambda: _dummy_pair(model))):
             if max_batches and n >= max_batches:
                 break  # every rank reaches the same n: lockstep
             images, tokens = batch["images"].to(device), batch["tokens"].to(device)
@@ -186,7 +186,7 @@ def embed_texts_split(model, tokenizer, texts: list[str], *, dp_rank: int, dp_si
     mine = texts[share.start:share.stop]
     batches = (mine[i:i + batch_size] for i in range(0, len(mine), batch_size))
     out = []
-    for chunk, real in lockstep(batches, device, lambda: None):
+    for chunk, real in lockstep(batches, lambda: None):
         tokens = (tokenizer.encode_batch(chunk, model.cfg.text_len) if real else
                   torch.ones(1, model.cfg.text_len, dtype=torch.long))
         emb = model.encode_text(tokens.to(device), capacity_factor).float()
@@ -228,7 +228,7 @@ def zero_shot(model, zs, tokenizer, *, dp_rank: int, dp_size: int, batch_size: i
     remap = torch.full((C,), 0, dtype=torch.long, device=device)
     remap[unseen] = torch.arange(len(unseen), device=device)
     batches = zs.iter_batches(image_size=c.image_size, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size)
-    for (images, labels), real in lockstep(batches, device, lambda: _dummy_labelled_image(model)):
+    for (images, labels), real in lockstep(batches, lambda: _dummy_labelled_image(model)):
         images, labels = images.to(device), labels.to(device)
         is_seen = torch.isin(labels, seen)
         n = torch.tensor(float(len(labels)), dtype=torch.float64, device=device)
@@ -267,7 +267,7 @@ def embed_images(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], mo
     device = _device(model)
     runs = _runs(modes)
     embs, ids = {m: [] for m, _ in runs}, []
-    for (images, idx), real in lockstep(batches, device, lambda: _dummy_labelled_image(model)):
+    for (images, idx), real in lockstep(batches, lambda: _dummy_labelled_image(model)):
         images = images.to(device)
         for m, cf in runs:
             emb = model.encode_image(images, cf).float()
