@@ -87,6 +87,8 @@ class Trainer:
         self.last_loss = math.nan
         """The total loss of the latest step (the progress bar shows it)."""
         self.window = Window()
+        """What happened since the last log line; fit() starts a fresh one when the loop starts, so
+        that its clock (samples/s) does not count building and resuming."""
         self.last_routing: dict[str, dict] = {}
         """The routing summary of the last logged window."""
         self.metrics: MetricsLog | None = None
