@@ -83,3 +83,18 @@ def _kill_leftover_launches():
                 pass
             proc.wait()
     launched.clear()
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """One finished 2-rank run of the tiny preset through the deepspeed launcher (expert-parallel 2,
+    4 steps, checkpoints at steps 2 and 4, ``metrics.jsonl`` with every step's loss), shared by the
+    fault tests so that each injects its fault into a copy (``shutil.copytree``) instead of paying
+    for a run of its own. Never modify it in place."""
+    from test_train import _launch
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    proc = _launch(run_dir, 4, ["train.save_every=2"])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert (run_dir / "checkpoints" / "step00000002").is_dir() and (run_dir / "checkpoints" / "step00000004").is_dir()
+    return run_dir
