@@ -157,7 +157,7 @@ def convert(tp: Any, value: Any, key: str, default: Any = dataclasses.MISSING, e
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _wrong(tp, value, key, default, expects)
-        check(math.isfinite(value), key, f"must be a finite number, got {value}")
+        check(math.isfinite(value), key, f"must be a finite number, got {value}; NaN and infinity are not")
         return float(value)
     if tp is type(None):
         if value is not None:
