@@ -333,3 +333,56 @@ def test_entry_point_exits_2_with_one_line_before_any_process_group(tmp_path, mo
     assert len(err) == 1 and err[0].startswith(f"error: {key}: "), err
     assert "Traceback" not in out.err + out.out
     assert not torch.distributed.is_initialized()  # and the unit-test guard would have raised had one started
+
+
+# ---- the other typed inputs tools read -----------------------------------------------------------
+def _model_summary():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("model_summary", ROOT / "tools" / "model_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_model_summary_reads_the_json_with_the_same_types(tmp_path, capsys):
+    tool = _model_summary()
+    raw = copy.deepcopy(TINY)
+    raw["bf16"] = {"enabled": "false"}  # was bool("false") = True: a bf16 estimate for an fp32 run
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(raw))
+    assert tool.main([str(path), "--layout", "ep=2,dp=2"]) == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines()
+           if not ln.startswith("[")]  # DeepSpeed's accelerator notice, when the model build first imports it
+    assert err == ["error: bf16.enabled: must be true or false (a JSON boolean), got the string 'false'; "
+                   "write false without quotes"], err
+    raw["bf16"] = {"enabled": False}
+    raw["limoe"]["train"]["activation_checkpointing"] = 1
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=r"^train.activation_checkpointing: must be true or false"):
+        tool._run_defaults(str(path))
+    raw["limoe"]["train"]["activation_checkpointing"] = True
+    path.write_text(json.dumps(raw))
+    assert tool._run_defaults(str(path)) == {"zero_stage": 1, "bf16": False, "micro_batch": 64,
+                                             "activation_checkpointing": True}
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"num_samples": "10000"}, "num_samples: must be an integer, got the string '10000'; write 10000 without quotes"),
+    ({"seen_classes": [0, "1"]}, "seen_classes[1]: must be an integer"),
+    ({"shards": "test-000.tar"}, "shards: must be a list of strings"),
+    ({"name": None}, "name: must be a string, got null"),
+])
+def test_zero_shot_info_is_type_checked(tmp_path, change, message):
+    from limoe_ds.data.errors import DataError
+    from limoe_ds.data.zeroshot import load_zeroshot_set
+    info = {"name": "zs", "num_samples": 10000, "shards": ["test-000.tar"], "seen_classes": [0, 1],
+            "unseen_classes": [2], "class_counts": [1, 2, 3]}
+    (tmp_path / "classnames.txt").write_text("a\nb\nc\n")
+    (tmp_path / "templates.txt").write_text("a photo of {}.\n")
+    (tmp_path / "info.json").write_text(json.dumps(info))
+    zs = load_zeroshot_set(str(tmp_path))
+    assert (zs.name, zs.num_samples, zs.seen_classes, zs.unseen_classes) == ("zs", 10000, [0, 1], [2])
+    (tmp_path / "info.json").write_text(json.dumps({**info, **change}))
+    with pytest.raises(DataError) as e:
+        load_zeroshot_set(str(tmp_path))
+    assert str(e.value).startswith(f"{tmp_path / 'info.json'}: {message}"), str(e.value)
