@@ -248,6 +248,7 @@ def resolve(raw: dict[str, Any], *, world_size: int, check_paths: bool = True) -
     _check(not unknown, f"limoe.{unknown[0] if unknown else ''}",
            f"unknown section; valid ones are {sorted(_SECTIONS)}")
     sections: dict[str, Any] = {}
+    annotations = typed.hints(RunConfig)
     for f in dataclasses.fields(RunConfig):  # every section type-checked against its annotation
         if f.name == "deepspeed":
             continue
@@ -256,7 +257,7 @@ def resolve(raw: dict[str, Any], *, world_size: int, check_paths: bool = True) -
                    f"limoe.{f.name}", "is required")
             continue
         sections[f.name] = (model_config(block["model"]) if f.name == "model" else
-                            typed.convert(typed.hints(RunConfig)[f.name], block[f.name], f.name))
+                            typed.convert(annotations[f.name], block[f.name], f.name))
     cfg = RunConfig(**sections, deepspeed=raw)
     ds_keys.check(raw)
     train, parallel = cfg.train, cfg.parallel
