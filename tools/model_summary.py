@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from limoe_ds.runtime.cli import fail  # noqa: E402
 from limoe_ds.config.model import ModelConfig, get_preset  # noqa: E402
-from limoe_ds.config.run import model_config  # noqa: E402
+from limoe_ds.config import ds_keys, typed  # noqa: E402
+from limoe_ds.config.run import TrainConfig, model_config  # noqa: E402
 
 
 def load_model_config(preset_or_path: str) -> ModelConfig:
@@ -68,14 +69,20 @@ def parse_layout(text: str) -> dict[str, int]:
 
 
 def _run_defaults(preset_or_path: str) -> dict:
+    """The JSON's ZeRO stage, bf16, micro-batch and activation checkpointing, each type-checked
+    (``config.typed``, against the same annotations as a training run: "false" is not false)."""
     if not preset_or_path.endswith(".json"):
         return {}
     raw = json.loads(Path(preset_or_path).read_text())
-    return {"zero_stage": raw.get("zero_optimization", {}).get("stage", 0),
-            "bf16": bool(raw.get("bf16", {}).get("enabled", False)),
-            "micro_batch": raw.get("train_micro_batch_size_per_gpu", 64),
-            "activation_checkpointing": bool(
-                raw.get("limoe", {}).get("train", {}).get("activation_checkpointing", False))}
+    train = raw.get("limoe", {}).get("train", {})
+    train = train if isinstance(train, dict) else {}
+    return {"zero_stage": typed.build(ds_keys.ZeroKeys, raw.get("zero_optimization", {}), "zero_optimization").stage,
+            "bf16": typed.build(ds_keys.PrecisionKeys, raw.get("bf16", {}), "bf16").enabled,
+            "micro_batch": typed.convert(int, raw.get("train_micro_batch_size_per_gpu", 64),
+                                         "train_micro_batch_size_per_gpu"),
+            "activation_checkpointing": typed.convert(typed.hints(TrainConfig)["activation_checkpointing"],
+                                                      train.get("activation_checkpointing", False),
+                                                      "train.activation_checkpointing")}
 
 
 def main(argv: list[str] | None = None) -> int:

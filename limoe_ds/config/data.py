@@ -1,6 +1,8 @@
 """Typed data configuration: where image-text pairs come from and how they are read.
 
-Validated in ``__post_init__``; every error is a ``ValueError`` that names the key and the fix.
+Types are checked against the annotations by ``limoe_ds.config.typed`` (``DataConfig.from_dict``,
+and every source however given), then ``__post_init__`` runs the range checks; every error is a
+``ConfigError`` that names the key and the fix.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from limoe_ds.config.errors import check as _check, reject_unknown as _reject_unknown
+from limoe_ds.config.errors import check as _check
+from limoe_ds.config.typed import build
 
 FORMATS = ("auto", "webdataset", "parquet", "arrow", "folder")
 
@@ -35,9 +38,19 @@ class SourceConfig:
     captions_file: str | None = None
     """folder only: the captions .jsonl/.csv; None = the single *.jsonl or *.csv inside ``path``."""
 
+    # config.typed hooks: how a message names a source, the prefix of the keys below (replaced by
+    # the real one: data.train[1].weight), and a plain path or list of paths as the whole source.
+    expects = "a path, a list of paths or a mapping with 'path'"
+    expects_plural = "sources (paths, lists of paths or mappings with 'path')"
+    check_key = "data.source"
+
+    @classmethod
+    def shorthand(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, (str, list)) else value
+
     def __post_init__(self) -> None:
-        paths = [self.path] if isinstance(self.path, str) else list(self.path)
-        _check(len(paths) > 0 and all(isinstance(p, str) and p for p in paths), "data.source.path",
+        paths = self.paths
+        _check(len(paths) > 0 and all(paths), "data.source.path",
                f"must be a non-empty path, glob or list of them, got {self.path!r}")
         _check(self.format in FORMATS, "data.source.format", f"must be one of {FORMATS}, got {self.format!r}")
         _check(self.weight > 0, "data.source.weight", f"must be > 0, got {self.weight}; drop the source instead")
@@ -48,25 +61,17 @@ class SourceConfig:
 
 
 def _as_source(value: Any, key: str) -> SourceConfig:
-    if isinstance(value, SourceConfig):
-        return value
-    if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-        value = {"path": value}
-    _check(isinstance(value, Mapping), key, f"must be a path or a mapping with 'path', got {value!r}")
-    _reject_unknown(SourceConfig, value, key)
-    _check("path" in value, f"{key}.path", "is required")
-    try:
-        return SourceConfig(**value)
-    except ValueError as e:  # name the source: data.train[1].weight, not data.source.weight
-        raise ValueError(str(e).replace("data.source", key, 1)) from None
+    """A SourceConfig, or a mapping / path / list of paths checked and built by config.typed."""
+    return value if isinstance(value, SourceConfig) else build(SourceConfig, value, key)
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     """Training and validation data, and how to read it."""
 
-    train: list[SourceConfig] = field(default_factory=list)
-    """Training sources (SourceConfig, mapping or plain path), mixed by weight."""
+    train: list[SourceConfig] = field(default_factory=list, metadata={
+        "expects": "a source (a path or a mapping with 'path') or a list of sources"})
+    """Training sources (SourceConfig, mapping or plain path; one or a list), mixed by weight."""
     val: SourceConfig | None = None
     """Held-out image-caption pairs for the validation loss / retrieval (no shuffling): a
     SourceConfig, mapping, path or list of paths (one source)."""
@@ -111,9 +116,9 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DataConfig":
-        """Build from a plain mapping (a config file), rejecting unknown keys with the valid ones."""
-        _reject_unknown(cls, d, "data")
-        return cls(**d)
+        """Build from a plain mapping (a config file): every value type-checked (``config.typed``),
+        unknown keys rejected with the valid ones."""
+        return build(cls, d, "data")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,9 +1,7 @@
-"""Config validation shared by every typed config: one error type, one way to name the key."""
+"""Config validation shared by every typed config: one error type, one way to name the key.
+(Types and unknown keys are checked by ``limoe_ds.config.typed``.)"""
 
 from __future__ import annotations
-
-import dataclasses
-from typing import Any, Mapping
 
 
 class ConfigError(ValueError):
@@ -13,10 +11,3 @@ class ConfigError(ValueError):
 def check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
-
-
-def reject_unknown(cls: type, d: Mapping[str, Any], key: str) -> None:
-    """Unknown keys of dataclass ``cls`` in ``d`` -> ConfigError listing the valid ones."""
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - valid)
-    check(not unknown, f"{key}.{unknown[0] if unknown else ''}", f"unknown key; valid keys are {sorted(valid)}")

@@ -1,21 +1,25 @@
 """Typed model configuration and the named presets.
 
-One small dataclass per concern, validated in ``__post_init__`` with a ``ValueError`` that names
-the key and says how to fix it. Presets (``tiny``, ``s32``, ``b16``, ``l16``, ``h14``) each have a
-dense twin (``<name>-dense``): every MoE layer replaced by a dense FFN of the same per-token
-compute (top-1 routing means one expert MLP per token, so the twin is the same MLP, unrouted).
+One small dataclass per concern: the types of a mapping read from a config are checked against
+the annotations by ``limoe_ds.config.typed`` (``config_from_dict``), then ``__post_init__`` runs
+the range checks, with a ``ConfigError`` that names the key and says how to fix it. Presets
+(``tiny``, ``s32``, ``b16``, ``l16``, ``h14``) each have a dense twin (``<name>-dense``): every MoE
+layer replaced by a dense FFN of the same per-token compute (top-1 routing means one expert MLP per
+token, so the twin is the same MLP, unrouted).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from limoe_ds.config.errors import check as _check, reject_unknown
+from limoe_ds.config.errors import check as _check
+from limoe_ds.config.typed import build
 
 MODALITIES = ("image", "text")
+_PER_MODALITY = {"expects": "a number (both modalities) or a mapping {\"image\": number, \"text\": number}"}
 
 
 def _per_modality(value: Any, key: str) -> dict[str, float]:
@@ -46,30 +50,32 @@ class MoEConfig:
     """sigma; the router adds N(0, (sigma/E)^2) to the logits in training (V-MoE). 0 disables."""
     importance_weight: float = 0.005
     load_weight: float = 0.005
-    local_entropy_weight: dict[str, float] | float = 0.01
+    local_entropy_weight: dict[str, float] | float = field(default=0.01, metadata=_PER_MODALITY)
     """LIMoE local entropy weight per modality (scalar = both)."""
-    global_entropy_weight: dict[str, float] | float = 0.01
+    global_entropy_weight: dict[str, float] | float = field(default=0.01, metadata=_PER_MODALITY)
     """LIMoE thresholded global entropy weight per modality (scalar = both)."""
-    global_entropy_min_experts: dict[str, float] | float | None = None
+    global_entropy_min_experts: dict[str, float] | float | None = field(
+        default=None, metadata={"expects": _PER_MODALITY["expects"] + " or null"})
     """S_m per modality: tau_m = log(S_m). None = spec defaults S_text=max(2,E/4), S_image=max(2,E/2)."""
     z_loss_weight: float = 0.0
     """Router z-loss mean(logsumexp(l)^2) (ST-MoE); 0 disables."""
 
     def __post_init__(self) -> None:
         E = self.num_experts
-        _check(isinstance(E, int) and E >= 2, "moe.num_experts", f"must be an int >= 2, got {E!r}")
+        _check(E >= 2, "model.moe.num_experts", f"must be >= 2, got {E!r}")
         self.layers = tuple(int(i) for i in self.layers)
-        _check(len(self.layers) > 0, "moe.layers", "must list at least one block index (or use moe=None for dense)")
-        _check(len(set(self.layers)) == len(self.layers), "moe.layers", f"has duplicates: {self.layers}")
-        _check(self.capacity_factor > 0, "moe.capacity_factor", f"must be > 0, got {self.capacity_factor}")
-        _check(self.eval_capacity_factor is None or self.eval_capacity_factor > 0, "moe.eval_capacity_factor",
+        _check(len(self.layers) > 0, "model.moe.layers",
+               "must list at least one block index (or use moe=None for dense)")
+        _check(len(set(self.layers)) == len(self.layers), "model.moe.layers", f"has duplicates: {self.layers}")
+        _check(self.capacity_factor > 0, "model.moe.capacity_factor", f"must be > 0, got {self.capacity_factor}")
+        _check(self.eval_capacity_factor is None or self.eval_capacity_factor > 0, "model.moe.eval_capacity_factor",
                "must be > 0, or null for dropless evaluation")
-        _check(self.capacity_multiple_of >= 1, "moe.capacity_multiple_of", "must be >= 1")
-        _check(self.noise_std >= 0, "moe.noise_std", "must be >= 0")
+        _check(self.capacity_multiple_of >= 1, "model.moe.capacity_multiple_of", "must be >= 1")
+        _check(self.noise_std >= 0, "model.moe.noise_std", "must be >= 0")
         for key in ("importance_weight", "load_weight", "z_loss_weight"):
-            _check(getattr(self, key) >= 0, f"moe.{key}", "must be >= 0")
-        self.local_entropy_weight = _per_modality(self.local_entropy_weight, "moe.local_entropy_weight")
-        self.global_entropy_weight = _per_modality(self.global_entropy_weight, "moe.global_entropy_weight")
+            _check(getattr(self, key) >= 0, f"model.moe.{key}", "must be >= 0")
+        self.local_entropy_weight = _per_modality(self.local_entropy_weight, "model.moe.local_entropy_weight")
+        self.global_entropy_weight = _per_modality(self.global_entropy_weight, "model.moe.global_entropy_weight")
         defaults = {"image": max(2, E / 2), "text": max(2, E / 4)}  # spec's provisional S_m
         given = self.global_entropy_min_experts
         if given is None:
@@ -77,10 +83,10 @@ class MoEConfig:
         elif not isinstance(given, Mapping):
             given = {m: given for m in MODALITIES}
         unknown = set(given) - set(MODALITIES)
-        _check(not unknown, "moe.global_entropy_min_experts", f"unknown modality {sorted(unknown)}")
+        _check(not unknown, "model.moe.global_entropy_min_experts", f"unknown modality {sorted(unknown)}")
         self.global_entropy_min_experts = {m: float(given.get(m, defaults[m])) for m in MODALITIES}
         for m, s in self.global_entropy_min_experts.items():
-            _check(1 <= s <= E, f"moe.global_entropy_min_experts.{m}",
+            _check(1 <= s <= E, f"model.moe.global_entropy_min_experts.{m}",
                    f"S must be in [1, num_experts={E}] (tau = log S <= log E), got {s}")
 
     def global_entropy_threshold(self, modality: str) -> float:
@@ -120,7 +126,7 @@ class ModelConfig:
         for key in ("width", "depth", "mlp_dim", "num_heads", "image_size", "patch_size", "channels",
                     "text_len", "vocab_size"):
             v = getattr(self, key)
-            _check(isinstance(v, int) and v > 0, f"model.{key}", f"must be a positive int, got {v!r}")
+            _check(v > 0, f"model.{key}", f"must be > 0, got {v!r}")
         _check(self.width % self.num_heads == 0, "model.num_heads",
                f"width {self.width} is not divisible by num_heads {self.num_heads}")
         _check(self.image_size % self.patch_size == 0, "model.image_size",
@@ -134,7 +140,7 @@ class ModelConfig:
             self.embed_dim = self.width
         if self.moe is not None:
             bad = [i for i in self.moe.layers if not 0 <= i < self.depth]
-            _check(not bad, "moe.layers", f"block indices {bad} are outside [0, depth={self.depth})")
+            _check(not bad, "model.moe.layers", f"block indices {bad} are outside [0, depth={self.depth})")
 
     @property
     def num_patches(self) -> int:
@@ -153,13 +159,9 @@ class ModelConfig:
 
 
 def config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
-    """Build a ModelConfig from a plain dict, rejecting unknown keys with the list of valid ones."""
-    d = dict(d)
-    reject_unknown(ModelConfig, d, "model")
-    reject_unknown(MoEConfig, d.get("moe") or {}, "moe")
-    if d.get("moe") is not None:
-        d["moe"] = MoEConfig(**d["moe"])
-    return ModelConfig(**d)
+    """Build a ModelConfig from a plain dict: every value type-checked (``config.typed``), unknown
+    keys rejected with the list of valid ones."""
+    return build(ModelConfig, d, "model")
 
 
 def _every(depth: int, step: int, last: int | None = None) -> tuple[int, ...]:

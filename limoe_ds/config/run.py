@@ -6,7 +6,8 @@
 
 Merge order: the file, then dotted ``--set key=value`` overrides (``data.train=/path``,
 ``train.steps=200``, ``model.moe.capacity_factor=1.25``; values parsed as YAML scalars/lists).
-Everything is validated here, before any process group starts: unknown keys, wrong types, batch
+Everything is validated here, before any process group starts: unknown keys, wrong types (every
+field against its annotation, ``config.typed``; DeepSpeed's keys, ``config.ds_keys``), batch
 arithmetic against DeepSpeed's keys, the parallel layout against the world size, the model
 (image size vs patch size), missing data. Errors are ``ConfigError`` naming the key and the fix.
 """
@@ -24,11 +25,10 @@ from typing import Any, Mapping
 import yaml
 
 from limoe_ds.compat.deepspeed import zero0_clipping_problem
+from limoe_ds.config import ds_keys, typed
 from limoe_ds.config.model import ModelConfig, config_from_dict, get_preset
 from limoe_ds.config.data import DataConfig
-from limoe_ds.config.errors import ConfigError, check as _check, reject_unknown
-
-
+from limoe_ds.config.errors import ConfigError, check as _check
 
 
 @dataclass(kw_only=True)
@@ -44,9 +44,9 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for k in ("expert_parallel_size", "tensor_parallel_size"):
             v = getattr(self, k)
-            _check(isinstance(v, int) and v >= 1, f"parallel.{k}", f"must be an int >= 1, got {v!r}")
-        _check(self.world_size is None or (isinstance(self.world_size, int) and self.world_size >= 1),
-               "parallel.world_size", f"must be null or an int >= 1, got {self.world_size!r}")
+            _check(v >= 1, f"parallel.{k}", f"must be >= 1, got {v!r}")
+        _check(self.world_size is None or self.world_size >= 1,
+               "parallel.world_size", f"must be null or >= 1, got {self.world_size!r}")
 
 
 @dataclass(kw_only=True)
@@ -68,11 +68,10 @@ class TrainConfig:
     """Recompute each block in the backward pass (same router noise: RNG state is replayed)."""
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.steps, int) and self.steps >= 1, "train.steps",
-               f"must be an int >= 1, got {self.steps!r}")
+        _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps!r}")
         for k in ("save_every", "log_every", "max_consecutive_nonfinite", "keep_last"):
             v = getattr(self, k)
-            _check(isinstance(v, int) and v >= 0, f"train.{k}", f"must be an int >= 0, got {v!r}")
+            _check(v >= 0, f"train.{k}", f"must be >= 0, got {v!r}")
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
 
@@ -90,11 +89,9 @@ class EvalConfig:
     image shards, classnames.txt, templates.txt, info.json)."""
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.zero_shot, list) and all(isinstance(z, str) for z in self.zero_shot),
-               "eval.zero_shot", f"must be a list of directories, got {self.zero_shot!r}")
         for k in ("every", "batch_size", "max_batches"):
             v = getattr(self, k)
-            _check(isinstance(v, int) and v >= 0, f"eval.{k}", f"must be an int >= 0, got {v!r}")
+            _check(v >= 0, f"eval.{k}", f"must be >= 0, got {v!r}")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
 
 
@@ -129,24 +126,18 @@ class RunConfig:
         return {**ds, "limoe": d}
 
 
-_SECTIONS = {"model", "parallel", "data", "tokenizer", "train", "eval", "logging"}
-
-
-def _typed(cls: type, d: Any, key: str):
-    _check(isinstance(d, Mapping), key, f"must be a mapping, got {type(d).__name__}")
-    reject_unknown(cls, d, key)
-    try:
-        return cls(**d)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e) if str(e).startswith(key) else f"{key}: {e}") from None
+_SECTIONS = {f.name for f in dataclasses.fields(RunConfig)} - {"deepspeed"}
 
 
 def model_config(d: Mapping[str, Any]) -> ModelConfig:
     """The \"limoe\" block's model section: a preset (``preset``) with overrides (``moe`` merged key by key),
     or a full model config."""
+    _check(isinstance(d, Mapping), "model", f"must be a mapping (a section), got {typed.show(d)}; "
+           "give {\"preset\": \"tiny\"} or the full model config")
     d = dict(d)
+    preset = d.get("preset")
+    _check(preset is None or isinstance(preset, str), "model.preset",
+           f"must be a preset name (a string), got {typed.show(preset)}; e.g. \"tiny\"")
     preset = d.pop("preset", None)
     try:
         if preset is None:
@@ -209,9 +200,13 @@ def _check_schedule(ds: dict[str, Any], steps: int) -> None:
     else:
         _check(total == steps, "scheduler.params.total_num_steps",
                f"{total} != train.steps ({steps}); drop it (it is derived from train.steps) or make them equal")
-    warm = params.get("warmup_num_steps", 0)
-    _check(isinstance(warm, int) and 0 <= warm <= steps, "scheduler.params.warmup_num_steps",
-           f"must be an int in [0, train.steps={steps}], got {warm!r}")
+    # Types and ranges: config.ds_keys; unset, DeepSpeed warms up for its default 1000 steps.
+    default = dataclasses.fields(ds_keys.SCHEDULERS[sched["type"]])
+    warm = params.get("warmup_num_steps", next(f.default for f in default if f.name == "warmup_num_steps"))
+    _check(warm <= steps, "scheduler.params.warmup_num_steps",
+           f"must be <= train.steps ({steps}), got {warm}" + ("" if "warmup_num_steps" in params else
+                                                             " (DeepSpeed's default when it is not set)")
+           + "; set a shorter warmup or train longer")
 
 
 def _check_zero(ds: dict[str, Any], ep: int) -> None:
@@ -244,22 +239,28 @@ def _check_path_exists(paths: list[str], key: str) -> None:
 
 def resolve(raw: dict[str, Any], *, world_size: int, check_paths: bool = True) -> RunConfig:
     """Validate a DeepSpeed JSON with its "limoe" block for ``world_size`` ranks."""
-    raw = copy.deepcopy(raw)
+    _check(isinstance(raw, Mapping), "--deepspeed_config", "must be a JSON object (see ds_configs/tiny.json)")
+    raw = copy.deepcopy(dict(raw))
     block = raw.pop("limoe", None)
     _check(isinstance(block, Mapping), "limoe",
            "the DeepSpeed config needs a \"limoe\" block (see ds_configs/tiny.json)")
-    unknown = sorted(set(block) - _SECTIONS)
+    unknown = sorted(str(k) for k in set(block) - _SECTIONS)
     _check(not unknown, f"limoe.{unknown[0] if unknown else ''}",
            f"unknown section; valid ones are {sorted(_SECTIONS)}")
-    for required in ("model", "data", "tokenizer", "train"):
-        _check(required in block, f"limoe.{required}", "is required")
-    model = model_config(block["model"])
-    parallel = _typed(ParallelConfig, block.get("parallel", {}), "parallel")
-    train = _typed(TrainConfig, block["train"], "train")
-    data = _typed(DataConfig, block["data"], "data")
-    cfg = RunConfig(model=model, parallel=parallel, data=data, tokenizer=str(block["tokenizer"]), train=train,
-                    eval=_typed(EvalConfig, block.get("eval", {}), "eval"),
-                    logging=_typed(LoggingConfig, block.get("logging", {}), "logging"), deepspeed=raw)
+    sections: dict[str, Any] = {}
+    annotations = typed.hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):  # every section type-checked against its annotation
+        if f.name == "deepspeed":
+            continue
+        if f.name not in block:
+            _check(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING,
+                   f"limoe.{f.name}", "is required")
+            continue
+        sections[f.name] = (model_config(block["model"]) if f.name == "model" else
+                            typed.convert(annotations[f.name], block[f.name], f.name))
+    cfg = RunConfig(**sections, deepspeed=raw)
+    ds_keys.check(raw)
+    train, parallel = cfg.train, cfg.parallel
     _check_layout(cfg, world_size)
     dp = world_size // parallel.tensor_parallel_size
     _check_batch_keys(raw, dp)

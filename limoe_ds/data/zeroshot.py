@@ -19,10 +19,25 @@ from typing import Iterator
 
 import torch
 
+from limoe_ds.config.errors import ConfigError
+from limoe_ds.config.typed import build
 from limoe_ds.data.errors import DataError, SkipSample, zero_counts
 from limoe_ds.data.image import decode_image, eval_transform, to_tensor
 from limoe_ds.data.sources import ResolvedSource, read_shard
 from limoe_ds.data.stream import ReaderId, assign
+
+
+@dataclass(kw_only=True)
+class ZeroShotInfo:
+    """``info.json``, type-checked by ``limoe_ds.config.typed`` (other keys, e.g. class_counts, are kept
+    for people and not read)."""
+
+    open_keys = True
+    name: str
+    num_samples: int
+    shards: list[str]
+    seen_classes: list[int]
+    unseen_classes: list[int]
 
 
 @dataclass
@@ -88,17 +103,22 @@ def load_zeroshot_set(root: str) -> ZeroShotSet:
     info_path = os.path.join(root, "info.json")
     if not os.path.isfile(info_path):
         raise DataError(f"zero-shot set: no {info_path!r}; build it with tools/build_mini_dataset.py")
-    with open(info_path, encoding="utf-8") as f:
-        info = json.load(f)
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            info = build(ZeroShotInfo, json.load(f), "")
+    except json.JSONDecodeError as e:
+        raise DataError(f"{info_path}: not valid JSON ({e}); rebuild it with tools/build_mini_dataset.py") from None
+    except ConfigError as e:  # a set built by hand: name the file and the key
+        raise DataError(f"{info_path}: {e}") from None
     class_names = _lines(os.path.join(root, "classnames.txt"))
     templates = _lines(os.path.join(root, "templates.txt"))
     bad = [t for t in templates if "{}" not in t]
     if bad:
         raise DataError(f"zero-shot set: template {bad[0]!r} in {root!r}/templates.txt has no '{{}}'")
-    shards = [os.path.join(root, s) for s in info["shards"]]
-    return ZeroShotSet(name=info["name"], root=root, class_names=class_names, templates=templates, shards=shards,
-                       num_samples=int(info["num_samples"]), seen_classes=list(info["seen_classes"]),
-                       unseen_classes=list(info["unseen_classes"]))
+    shards = [os.path.join(root, s) for s in info.shards]
+    return ZeroShotSet(name=info.name, root=root, class_names=class_names, templates=templates, shards=shards,
+                       num_samples=info.num_samples, seen_classes=info.seen_classes,
+                       unseen_classes=info.unseen_classes)
 
 
 __all__ = ["ZeroShotSet", "load_zeroshot_set"]
