@@ -386,3 +386,14 @@ def test_zero_shot_info_is_type_checked(tmp_path, change, message):
     with pytest.raises(DataError) as e:
         load_zeroshot_set(str(tmp_path))
     assert str(e.value).startswith(f"{tmp_path / 'info.json'}: {message}"), str(e.value)
+
+
+def test_a_preset_with_another_expert_count_gets_that_counts_default_thresholds():
+    """S_m defaults to max(2, E/2) for images and max(2, E/4) for text: a preset whose num_experts is
+    overridden derives them for the new E (not the preset's 4), unless they are given."""
+    moe = _resolve(TINY, ["model.moe.num_experts=16", "parallel.expert_parallel_size=1"]).model.moe
+    assert moe.global_entropy_min_experts == {"image": 8.0, "text": 4.0}
+    given = _resolve(TINY, ["model.moe.num_experts=16", "parallel.expert_parallel_size=1",
+                            "model.moe.global_entropy_min_experts=3"]).model.moe
+    assert given.global_entropy_min_experts == {"image": 3.0, "text": 3.0}
+    assert _resolve(TINY).model.moe.global_entropy_min_experts == {"image": 2.0, "text": 2.0}

@@ -144,7 +144,11 @@ def model_config(d: Mapping[str, Any]) -> ModelConfig:
             return config_from_dict(d)
         base = get_preset(preset).to_dict()
         if isinstance(d.get("moe"), Mapping) and base.get("moe") is not None:
-            d["moe"] = {**base["moe"], **d["moe"]}
+            moe = dict(base["moe"])
+            if "num_experts" in d["moe"] and "global_entropy_min_experts" not in d["moe"]:
+                # the preset's S_m were derived from ITS expert count: derive them for the new one
+                moe["global_entropy_min_experts"] = None
+            d["moe"] = {**moe, **d["moe"]}
         return config_from_dict({**base, **d})
     except (ValueError, TypeError) as e:
         msg = str(e)
