@@ -397,3 +397,10 @@ def test_a_preset_with_another_expert_count_gets_that_counts_default_thresholds(
                             "model.moe.global_entropy_min_experts=3"]).model.moe
     assert given.global_entropy_min_experts == {"image": 3.0, "text": 3.0}
     assert _resolve(TINY).model.moe.global_entropy_min_experts == {"image": 2.0, "text": 2.0}
+
+
+def test_a_config_file_that_is_not_a_json_object_is_one_error(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"^--deepspeed_config: .* holds a JSON list, not an object"):
+        run_config.load(path, ["train.steps=3"], world_size=1, check_paths=False)

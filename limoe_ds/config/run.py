@@ -299,4 +299,7 @@ def load(path: str | os.PathLike, overrides: list[str] | None = None, *, world_s
         raw = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"--deepspeed_config: {p} is not valid JSON ({e})") from None
+    _check(isinstance(raw, dict), "--deepspeed_config",
+           f"{p} holds a JSON {type(raw).__name__}, not an object; a DeepSpeed config is {{...}} "
+           f"(see ds_configs/tiny.json)")
     return resolve(apply_overrides(raw, overrides or []), world_size=world_size, check_paths=check_paths)
