@@ -147,3 +147,15 @@ def test_bundled_manifest_counts_per_shard(tmp_path, tok):
     man["train"]["shard_samples"] = [5, 5]
     (tmp_path / "manifest.json").write_text(json.dumps(man))
     assert eval_all(tok, str(tmp_path / "train")) == (list(range(10)), {})
+
+
+@pytest.mark.integration  # the session's 2-rank reference run (deepspeed launcher), shared, read only
+def test_new_counts_reach_metrics_and_the_checkpoint_marker(reference_run):
+    """damaged_shard / samples_lost go where every skip count goes (0 here: the bundled shards are clean
+    and match their manifest)."""
+    rows = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "data/skipped/unreadable_shard" in r]
+    assert logged and all(r["data/skipped/damaged_shard"] == 0 and r["data/skipped/samples_lost"] == 0
+                          for r in logged)
+    marker = json.loads((reference_run / "checkpoints" / "step00000004" / "limoe_complete.json").read_text())
+    assert marker["data_skips"]["damaged_shard"] == 0 and marker["data_skips"]["samples_lost"] == 0
