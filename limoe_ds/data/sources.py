@@ -307,27 +307,37 @@ def split_member(name: str) -> tuple[str | None, str]:
     return (m.group(1), m.group(2).lower()) if m else (None, "")
 
 
-def _tar_groups(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
+def _tar_groups(tar: tarfile.TarFile, blobs: dict[tarfile.TarInfo, bytes] | None = None
+                ) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
     """Consecutive members with the same key; a repeated field starts a new group (a duplicate).
-    A header that cannot be read still lets the group before it out first (then the error)."""
+    A header that cannot be read still lets the group before it out first (then the error).
+
+    ``blobs``: read every member's bytes as its header is passed (a compressed tar: reading a member
+    after the next header means seeking back, and a gzip stream seeks back by decompressing again
+    from the start: 914 rewinds and 20 s for one 1,491-sample .tar.gz shard instead of 0.1 s)."""
     key, group = None, {}
     members = iter(tar)
     while True:
         try:
             member = next(members)
+            wanted = member.isfile()
+            if wanted and blobs is not None:
+                blobs[member] = tar.extractfile(member).read()
         except StopIteration:
             break
         except Exception:
             if group:
                 yield key, group
             raise
-        if not member.isfile():
+        if not wanted:
             continue
         k, field = split_member(member.name)
         if k is None or os.path.basename(k).startswith("."):
             continue
         if group and (k != key or field in group):
             yield key, group
+            for m in group.values() if blobs is not None else ():
+                del blobs[m]
             group = {}
         key = k
         group[field] = member
@@ -338,7 +348,8 @@ def _tar_groups(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tarfile.T
 def _read_tar(src: ResolvedSource, path: str, start: int, keep: Keep, prog: _Progress) -> Iterator[Record]:
     seen: set[str] = set()
     with tarfile.open(path, mode="r:*") as tar:
-        for index, (key, group) in enumerate(_tar_groups(tar)):
+        blobs = None if type(tar.fileobj) is io.BufferedReader else {}  # compressed: read in passing
+        for index, (key, group) in enumerate(_tar_groups(tar, blobs)):
             duplicate = key in seen
             seen.add(key)
             if index < start or not keep(index):
@@ -347,7 +358,7 @@ def _read_tar(src: ResolvedSource, path: str, start: int, keep: Keep, prog: _Pro
             if duplicate:
                 rec = Record(key=key, index=index, problem="duplicate_key", detail=path)
             else:
-                rec = _tar_record(src, tar, key, index, group)
+                rec = _tar_record(src, tar, key, index, group, blobs)
             prog.records = index + 1
             yield rec
         prog.damage = _tar_end(tar)
@@ -383,8 +394,8 @@ def _tar_end(tar: tarfile.TarFile) -> str | None:
 
 
 def _tar_record(src: ResolvedSource, tar: tarfile.TarFile, key: str, index: int,
-                group: dict[str, tarfile.TarInfo]) -> Record:
-    read = lambda m: tar.extractfile(m).read()  # noqa: E731
+                group: dict[str, tarfile.TarInfo], blobs: dict[tarfile.TarInfo, bytes] | None) -> Record:
+    read = (lambda m: tar.extractfile(m).read()) if blobs is None else blobs.__getitem__
     rec = Record(key=key, index=index)
     last_ext = {field.rsplit(".", 1)[-1]: field for field in group}
     img_field = next((last_ext[e] for e in IMAGE_EXTS if e in last_ext), None)

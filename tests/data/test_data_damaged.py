@@ -3,6 +3,7 @@ library) are read as they are, and a shard damaged in the middle, cut short, or 
 than its index is counted (damaged_shard / unreadable_shard, with samples_lost) and named in one
 warning line, never silently shortened. A clean shard is not counted."""
 
+import gzip
 import json
 import logging
 import tarfile
@@ -129,12 +130,14 @@ def test_without_an_index_damage_is_still_counted(tmp_path, tok):
     data = a.read_bytes()
     cut = first_header(a, "k00004")
     a.write_bytes(data[:cut] + b"\xff" * (len(data) - cut))
+    gz = tmp_path / "a.tar.gz"  # the same damage inside a gzip stream
+    gz.write_bytes(gzip.compress(a.read_bytes()))
     b.write_bytes(b.read_bytes() + clean.read_bytes())  # two tars concatenated: the second is never read
     clean.write_bytes(clean.read_bytes() + bytes(20 * 512))
     assert expected_samples(str(a)) is None
-    ids, counts = eval_all(tok, [str(a), str(b), str(clean)])
-    assert ids == list(range(4)) + list(range(6, 18))
-    assert counts == {"damaged_shard": 2}
+    ids, counts = eval_all(tok, [str(a), str(gz), str(b), str(clean)])
+    assert ids == sorted(2 * list(range(4)) + list(range(6, 18)))
+    assert counts == {"damaged_shard": 3}
 
 
 def test_bundled_manifest_counts_per_shard(tmp_path, tok):
@@ -159,3 +162,20 @@ def test_new_counts_reach_metrics_and_the_checkpoint_marker(reference_run):
                           for r in logged)
     marker = json.loads((reference_run / "checkpoints" / "step00000004" / "limoe_complete.json").read_text())
     assert marker["data_skips"]["damaged_shard"] == 0 and marker["data_skips"]["samples_lost"] == 0
+
+
+def test_gzipped_tar_is_read_in_one_pass(tmp_path, monkeypatch):
+    """A .tar.gz is decompressed once: seeking back (to a member behind the next header) would restart
+    the gzip stream, which made a 1,491-sample shard take 20 s instead of 0.3 s."""
+    from limoe_ds.data.sources import ResolvedSource, read_shard
+    (plain,) = pair_shards(tmp_path, 1, 40)
+    gz = tmp_path / "s.tar.gz"
+    gz.write_bytes(gzip.compress(plain.read_bytes()))
+    rewinds = []
+    monkeypatch.setattr(gzip._GzipReader, "_rewind", lambda self, orig=gzip._GzipReader._rewind: (
+        rewinds.append(1), orig(self)))
+    src = ResolvedSource(0, "s", (str(gz),), "webdataset", 1.0, "caption", None, None)
+    read = lambda p: [(r.key, r.image, r.caption, r.problem) for r in  # noqa: E731
+                      read_shard(src, str(p), 3, lambda i: i % 2 == 1, count_failure=True)]
+    assert read(gz) == read(plain) and len(read(plain)) == 19
+    assert rewinds == []
