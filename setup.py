@@ -26,5 +26,5 @@ setup(
         "numpy>=1.24",
         "ninja",  # DeepSpeed JIT-compiles its CPU communication op
     ],
-    extras_require={"test": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.6"]},
+    extras_require={"test": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.6", "webdataset>=1.0"]},
 )

@@ -10,7 +10,8 @@ phrasings. Three Fashion-MNIST classes (sandal, bag, ankle boot) are kept out of
 
 Writes under --out: train/train-00{0..7}.tar and val/val-00{0,1}.tar (WebDataset: KEY.png + KEY.json
 with "caption", "source"), zeroshot/fashion_mnist/ (test set: KEY.png + KEY.cls, classnames.txt,
-templates.txt, info.json), tokenizer.json (byte-level BPE, vocab <= 4096) and manifest.json.
+templates.txt, info.json), tokenizer.json (byte-level BPE, vocab <= 4096) and manifest.json
+(per split: shards, num_samples, shard_samples: the reader counts a shard holding fewer as damaged).
 Deterministic given --seed. Missing packages are installed when run as root; otherwise the exact
 apt-get command is printed and the exit status is 2.
 """
@@ -333,10 +334,14 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed, "max_side": args.max_side,
         "train": {"shards": [f"train/{n}" for n in write_pair_shards(train, os.path.join(args.out, "train"), "train",
                                                                       args.train_shards)],
-                  "num_samples": len(train), "by_source": dict(collections.Counter(p["source"] for p in train))},
+                  "num_samples": len(train), "shard_samples": [len(train[s::args.train_shards])
+                                                               for s in range(args.train_shards)],
+                  "by_source": dict(collections.Counter(p["source"] for p in train))},
         "val": {"shards": [f"val/{n}" for n in write_pair_shards(val, os.path.join(args.out, "val"), "val",
                                                                   args.val_shards)],
-                "num_samples": len(val), "by_source": dict(collections.Counter(p["source"] for p in val))},
+                "num_samples": len(val),
+                "shard_samples": [len(val[s::args.val_shards]) for s in range(args.val_shards)],
+                "by_source": dict(collections.Counter(p["source"] for p in val))},
         "zeroshot": {"fashion_mnist": "zeroshot/fashion_mnist"},
         "fashion_mnist": {"class_names": FMNIST_CLASSES, "seen_classes": sorted(SEEN_NAMES), "unseen_classes": UNSEEN,
                           "train_per_seen_class": args.fmnist_per_class,

@@ -13,13 +13,19 @@ SKIP_REASONS = (
     "non_utf8_caption",    # caption bytes that are not valid UTF-8
     "duplicate_key",       # a key seen before in the same shard (the first occurrence is kept)
     "unreadable_shard",    # a shard that is missing, not readable, or corrupt (counted once per pass)
+    "damaged_shard",       # a tar that stops short: a bad header before the end of the file, data after its
+                           # end-of-archive marker, or fewer samples than its index (_stats.json, manifest)
 )
 """Reasons a sample (or shard) is dropped. Every drop is counted under exactly one of these."""
 
 NOTE_REASONS = ("caption_truncated",)
 """Counted but the sample is kept: caption cut to DataConfig.max_caption_chars."""
 
-COUNT_KEYS = SKIP_REASONS + NOTE_REASONS
+LOSS_KEYS = ("samples_lost",)
+"""Samples a damaged or unreadable shard should have held (its index says how many) but did not
+yield: counted with the shard's damaged_shard / unreadable_shard, only where a count is known."""
+
+COUNT_KEYS = SKIP_REASONS + NOTE_REASONS + LOSS_KEYS
 
 
 class DataError(ValueError):
@@ -39,4 +45,4 @@ def zero_counts() -> dict[str, int]:
     return {k: 0 for k in COUNT_KEYS}
 
 
-__all__ = ["DataError", "SkipSample", "SKIP_REASONS", "NOTE_REASONS", "COUNT_KEYS", "zero_counts"]
+__all__ = ["DataError", "SkipSample", "SKIP_REASONS", "NOTE_REASONS", "LOSS_KEYS", "COUNT_KEYS", "zero_counts"]

@@ -246,6 +246,7 @@ class WorkerStream:
                 sample = self._decode(item)
             except SkipSample as e:
                 self._count(e.reason, item, str(e))
+                self.counts["samples_lost"] += item.record.lost
                 continue
             self.streams[item.source].pos.good += 1
             return sample
@@ -265,6 +266,8 @@ class WorkerStream:
     def _count(self, reason: str, item: Item, detail: str) -> None:
         self.counts[reason] += 1
         self._logged[reason] += 1
+        if reason == "damaged_shard":
+            return  # read_shard already logged its one line (shard, offset, samples lost)
         if self._logged[reason] <= _LOG_FIRST:
             src = self.streams[item.source].src
             where = item.record.key if item.record.index < 0 else f"{src.shards[item.shard]}:{item.record.key}"

@@ -90,6 +90,7 @@ class ZeroShotSet:
             return eval_transform(decode_image(rec.image, self.max_pixels), image_size), rec.label
         except SkipSample as e:
             self.skip_counts[e.reason] += 1
+            self.skip_counts["samples_lost"] += rec.lost
             return None
 
 

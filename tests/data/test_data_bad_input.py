@@ -105,7 +105,7 @@ def test_eval_counts_are_exact(bad, dp, workers, caplog):
         for k, v in ev.skip_counts().items():
             counts[k] = counts.get(k, 0) + v
     assert sorted(ids) == GOOD_IDS  # every usable sample, once
-    assert counts == EXPECTED
+    assert {k: v for k, v in counts.items() if v} == EXPECTED  # no damaged_shard / samples_lost: no index
 
 
 @pytest.mark.integration  # data-loader worker processes
