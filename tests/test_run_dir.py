@@ -77,6 +77,9 @@ def test_a_second_job_refuses_a_held_run_dir_and_a_dead_holder_blocks_nothing(
         # the holder's record names no launcher job that rank 0's also names)
         rc, err = _main(monkeypatch, capsys, run_dir, rank=1)
         assert rc == 2 and len(err) == 1 and err[0].startswith(f"error (rank 1): {want}") and "(rank 1:" in err[0], err
+        # what tools/evaluate.py and convert_checkpoint.py read takes no lock: it works while the run dir is in use
+        ckpt = run_dir / "checkpoints" / "step00000004"
+        assert checkpoint.consolidated_model_state(ckpt) and checkpoint.evaluation_config(ckpt, [], 1).train.steps == 4
     finally:
         holder.kill()  # SIGKILL: the lock files stay behind, naming a dead pid
         holder.wait()
@@ -169,6 +172,20 @@ def test_a_layout_change_on_resume_names_the_reshard_tool_before_any_process_gro
                                f"or convert it: tools/convert_checkpoint.py reshard"], err
     rc, err = _main(monkeypatch, capsys, tmp_path / "new", resume=str(tmp_path / "nothing"))
     assert rc == 2 and len(err) == 1 and "is not a complete limoe_ds checkpoint" in err[0], err
+
+
+@pytest.mark.integration  # reference_run
+def test_a_damaged_latest_marker_is_passed_over_by_auto_and_named_when_given(
+        reference_run, tmp_path, monkeypatch, capsys, no_process_group):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run / "checkpoints", run_dir / "checkpoints")
+    latest = run_dir / "checkpoints" / "step00000004"
+    (latest / checkpoint.MARKER).write_text('{"step": 4, "wor')  # truncated
+    rc, err = _main(monkeypatch, capsys, run_dir, ["train.seed=1"])  # auto: compared with step 2's config
+    assert rc == 2 and len(err) == 1 and f"train.seed is 0 in {run_dir / 'checkpoints' / 'step00000002'} " in err[0]
+    rc, err = _main(monkeypatch, capsys, run_dir, resume=str(latest))
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: --resume: {latest / checkpoint.MARKER} is "
+                                                           f"unreadable ("), err
 
 
 def test_the_resume_policy_allows_and_logs_the_legitimate_changes(tmp_path):
@@ -280,3 +297,35 @@ def _held_by_another(lock: Path) -> bool:
     finally:
         os.close(fd)  # (releases the lock if it was taken here: this process holds nothing else)
     return False
+
+
+def test_after_a_resume_the_next_step_takes_its_lr_from_the_new_schedule():
+    """torch's Optimizer.load_state_dict brings back the saved run's lr (param_groups); the schedule
+    rebuilt from the new config restores only its position. Without Trainer._lr_from_schedule a
+    resume with train.steps 4 -> 6 ran step 5 at the 4-step schedule's last lr."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    from limoe_ds.train.trainer import Trainer
+
+    def run(total: int):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=1e-3)
+        return opt, WarmupCosineLR(opt, total_num_steps=total, warmup_num_steps=2, warmup_type="linear")
+
+    opt, sched = run(4)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
+    for total in (4, 6):
+        opt, sched = run(total)
+        opt.load_state_dict(saved_opt)
+        sched.load_state_dict(saved_sched)
+        restored = opt.param_groups[0]["lr"]
+        Trainer._lr_from_schedule(SimpleNamespace(scheduler=sched))
+        assert opt.param_groups[0]["lr"] == sched.get_lr()[0]
+        if total == 4:  # nothing changed: the same value, bit for bit
+            assert opt.param_groups[0]["lr"] == restored
+        else:  # the 6-step schedule at iteration 4, not the 4-step one's
+            assert opt.param_groups[0]["lr"] != restored and opt.param_groups[0]["lr"] > 2 * restored

@@ -121,23 +121,40 @@ def find_checkpoint(run_dir: str | os.PathLike, resume: str) -> Path | None:
 def check_resume(cfg, resume: str, world: int) -> tuple[Path | None, list[str]]:
     """-> (the checkpoint a resume will load or None, one log line per allowed change).
     Raises ConfigError (one line) for a change that cannot be honoured."""
-    from limoe_ds.checkpoint import io as checkpoint
     path = find_checkpoint(cfg.train.run_dir, resume)
     if path is None:
         return None, []
-    try:
-        meta = checkpoint.read_marker(path, "--resume")
-    except ConfigError:
-        raise
-    except (OSError, ValueError) as e:  # a truncated or foreign marker
-        raise ConfigError(f"--resume: {path / checkpoint.MARKER} is unreadable ({e}); resume from another "
-                          f"checkpoint (--resume DIR) or start a new run_dir") from None
+    meta = _marker(path, auto=resume == "auto")
+    if meta is None:
+        return path, [f"resume: no readable marker in {path.parent}; the config is not compared before the load"]
+    path, meta = meta
     _check_layout(meta, path, cfg, world)
     saved = meta.get("config")
     if not isinstance(saved, dict):
         return path, [f"resume: {path} stores no config (an old checkpoint); the new config is not compared with it"]
     new = json.loads(json.dumps(cfg.to_dict(), default=str))
     return path, compare(saved, new, path)
+
+
+def _marker(path: Path, *, auto: bool) -> tuple[Path, dict[str, Any]] | None:
+    """(checkpoint, its marker). A given directory's marker must read; with ``auto``, an unreadable
+    marker (a damaged latest checkpoint, for the load to fall back from) is passed over for the
+    next older one, whose config is the run's all the same (structural changes are refused)."""
+    from limoe_ds.checkpoint import io as checkpoint
+    candidates = [path]
+    if auto:
+        candidates += [p for p in reversed(checkpoint.complete_checkpoints(path.parent)) if p != path]
+    for p in candidates:
+        try:
+            return p, checkpoint.read_marker(p, "--resume")
+        except ConfigError:
+            if not auto:
+                raise
+        except (OSError, ValueError) as e:  # a truncated or foreign marker
+            if not auto:
+                raise ConfigError(f"--resume: {p / checkpoint.MARKER} is unreadable ({e}); resume from another "
+                                  f"checkpoint (--resume DIR) or start a new run_dir") from None
+    return None
 
 
 def _check_layout(meta: dict[str, Any], path: Path, cfg, world: int) -> None:
