@@ -251,6 +251,7 @@ def test_a_resume_with_more_steps_continues_and_a_second_job_meanwhile_refuses(r
         time.sleep(0.05)
     assert first.poll() is None, "the first run ended before it was seen holding the lock"
     holder = json.loads(lock0.read_text())
+    t0 = time.time()
     second = _launch(run_dir, 6, ["train.save_every=2", *cheaper])
     stopped = False
     try:
@@ -260,6 +261,7 @@ def test_a_resume_with_more_steps_continues_and_a_second_job_meanwhile_refuses(r
                 stopped = True
             time.sleep(0.05)
         out2, _ = second.communicate(timeout=300)
+        print(f"second job: exit {second.returncode} after {time.time() - t0:.1f} s")
         assert first.poll() is None, "the first run ended before the second job checked the lock"
     finally:
         if stopped:

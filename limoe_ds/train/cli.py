@@ -19,16 +19,17 @@ from limoe_ds.compat.deepspeed import CompatError
 from limoe_ds.config import run as run_config
 from limoe_ds.config.errors import ConfigError
 from limoe_ds.data.errors import DataError
-from limoe_ds.runtime.cli import fail
+from limoe_ds.runtime.cli import EXIT_USAGE, fail
 from limoe_ds.runtime.launch_env import LaunchEnvError, world_from_env
 from limoe_ds.runtime.preemption import EXIT_PREEMPTED, Preempted, StopFlag
 from limoe_ds.runtime.run_lock import RunDirInUse, acquire, rank0_reports
 from limoe_ds.runtime.slurm import register_pid
 
 LOCK_QUIET_WAIT_S = 60.0
-"""A rank other than 0 whose lock is held, like rank 0's, by the same other job waits this long before
-it reports (``error (rank R): ...``): rank 0 refuses too and prints the one line, and the launcher
-stops every rank at its exit. A rank whose lock alone is held reports at once."""
+"""A rank other than 0 whose lock is held, like rank 0's, by the same other job waits up to this long
+for the launcher's SIGTERM (rank 0 refuses too, prints the one line and exits; the deepspeed launcher
+and srun --kill-on-bad-exit then stop the other ranks) and exits 2 quietly; with no signal by then
+it reports itself (``error (rank R): ...``). A rank whose lock alone is held reports at once."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -75,8 +76,12 @@ def _run(args: argparse.Namespace, stop: StopFlag, rank: int, world: int) -> int
     except RunDirInUse as e:
         if rank == 0:
             return fail(e)
-        if rank0_reports(cfg.train.run_dir, e.holder):  # rank 0 refuses too and prints the line; a launcher
-            time.sleep(LOCK_QUIET_WAIT_S)               # stops this rank meanwhile (else it reports itself)
+        if rank0_reports(cfg.train.run_dir, e.holder):  # rank 0 refuses too and prints the line
+            deadline = time.monotonic() + LOCK_QUIET_WAIT_S
+            while time.monotonic() < deadline:
+                if stop.signum is not None:  # the launcher stops the job at rank 0's exit (SIGTERM)
+                    return EXIT_USAGE
+                time.sleep(0.1)
         return fail(e, rank=rank, every_rank=True)
     with lock:
         if lock.warning and rank == 0:
