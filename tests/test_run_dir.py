@@ -100,6 +100,17 @@ def test_the_lock_is_released_when_the_run_ends_and_names_its_holder(tmp_path):
         assert again.held
 
 
+def test_a_file_system_without_locks_is_a_warning_not_a_silent_pass(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "lockf", no_locks)  # Lustre mounted with noflock
+    lock = run_lock.acquire(tmp_path, 0)
+    assert not lock.held and "would NOT be refused" in lock.warning and "-o flock" in lock.warning
+
+
 def test_a_rank_stays_quiet_only_while_rank_0_is_held_by_the_same_live_job(tmp_path):
     def record(rank, **kw):
         path = run_lock.lock_path(tmp_path, rank)
