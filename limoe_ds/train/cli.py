@@ -13,15 +13,23 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 
 from limoe_ds.compat.deepspeed import CompatError
 from limoe_ds.config import run as run_config
 from limoe_ds.config.errors import ConfigError
 from limoe_ds.data.errors import DataError
-from limoe_ds.runtime.cli import fail
+from limoe_ds.runtime.cli import EXIT_USAGE, fail
 from limoe_ds.runtime.launch_env import LaunchEnvError, world_from_env
 from limoe_ds.runtime.preemption import EXIT_PREEMPTED, Preempted, StopFlag
+from limoe_ds.runtime.run_lock import RunDirInUse, acquire, rank0_reports
 from limoe_ds.runtime.slurm import register_pid
+
+LOCK_QUIET_WAIT_S = 60.0
+"""A rank other than 0 whose lock is held, like rank 0's, by the same other job waits up to this long
+for the launcher's SIGTERM (rank 0 refuses too, prints the one line and exits; the deepspeed launcher
+and srun --kill-on-bad-exit then stop the other ranks) and exits 2 quietly; with no signal by then
+it reports itself (``error (rank R): ...``). A rank whose lock alone is held reports at once."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,9 +69,36 @@ def main(argv: list[str] | None = None, stop: StopFlag | None = None) -> int:
 def _run(args: argparse.Namespace, stop: StopFlag, rank: int, world: int) -> int:
     try:
         cfg = run_config.load(args.deepspeed_config, args.set, world_size=world)
+    except (ConfigError, DataError, CompatError) as e:  # CompatError: another DeepSpeed version
+        return fail(e, rank=rank)
+    try:  # one run per run directory: each rank locks its own file (limoe_ds.runtime.run_lock)
+        lock = acquire(cfg.train.run_dir, rank)
+    except RunDirInUse as e:
+        if rank == 0:
+            return fail(e)
+        if rank0_reports(cfg.train.run_dir, e.holder):  # rank 0 refuses too and prints the line
+            deadline = time.monotonic() + LOCK_QUIET_WAIT_S
+            while time.monotonic() < deadline:
+                if stop.signum is not None:  # the launcher stops the job at rank 0's exit (SIGTERM)
+                    return EXIT_USAGE
+                time.sleep(0.1)
+        return fail(e, rank=rank, every_rank=True)
+    with lock:
+        if lock.warning and rank == 0:
+            print(f"warning: {lock.warning}", file=sys.stderr, flush=True)
+        return _train(args, stop, rank, world, cfg)
+
+
+def _train(args: argparse.Namespace, stop: StopFlag, rank: int, world: int, cfg) -> int:
+    try:
+        from limoe_ds.checkpoint.resume_check import check_resume
+        _, changes = check_resume(cfg, args.resume, world)  # the saved config vs this one: before any process group
         from limoe_ds.train.engine import init_distributed  # imports DeepSpeed (version-checked): after validation
     except (ConfigError, DataError, CompatError) as e:  # CompatError: another DeepSpeed version
         return fail(e, rank=rank)
+    if rank == 0:
+        for line in changes:
+            print(line, flush=True)
     init_distributed()
     from limoe_ds.train.logging import is_main, log
     from limoe_ds.train.trainer import train

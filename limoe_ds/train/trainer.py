@@ -133,17 +133,32 @@ class Trainer:
         if path is None:
             return None
         step, rank_state = checkpoint.load(self.engine, path)
+        self._lr_from_schedule()
         data = rank_state.get("data")
         if data is None:
             log(f"{path}: no data position saved; the data stream starts afresh")
         else:
-            self.loader.load_state_dict(data)
+            try:
+                self.loader.load_state_dict(data)
+            except ValueError as e:  # "data state: KEY was A when saved but is B now": one line, not a traceback
+                raise ConfigError(f"--resume: {path}: {e}") from None
             if data.get("kind") == "epoch_start":  # resharded to another data-parallel size
                 log(f"{path}: resharded from another data-parallel size; the data stream continues at the start "
                     f"of epoch {', '.join(map(str, data['next_epochs']))} (per source)")
         log(f"resumed from {path} at step {step}")
         self.start = self.step = step
         return rank_state["rng"]
+
+    def _lr_from_schedule(self) -> None:
+        """After a load: the optimizer state brought back the saved run's lr for the next step, while
+        the schedule is built from this config (only its position is restored). Take the next step's
+        lr from the schedule, so that a resume with a changed train.steps, lr or warmup follows the
+        new schedule from its first step (the same value, bit for bit, when nothing changed)."""
+        sched = self.scheduler
+        if sched is None or not hasattr(sched, "get_lr") or getattr(sched, "optimizer", None) is None:
+            return
+        for group, lr in zip(sched.optimizer.param_groups, sched.get_lr()):
+            group["lr"] = lr
 
     def save(self) -> Path:
         step = self.step
