@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,10 @@ class TrainConfig:
     """A non-finite loss skips the step; this many in a row stops the run."""
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass (same router noise: RNG state is replayed)."""
+    watchdog_seconds: float = 600
+    """A rank with no progress for this long (a hung data read, a stuck collective) ends the run
+    with one error line naming its rank, step and wait (exit status 70); building the run, loading
+    and saving checkpoints and evaluations get 4 times as long (limoe_ds.runtime.watchdog). 0 = off."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.steps, int) and self.steps >= 1, "train.steps",
@@ -75,6 +80,9 @@ class TrainConfig:
             _check(isinstance(v, int) and v >= 0, f"train.{k}", f"must be an int >= 0, got {v!r}")
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        w = self.watchdog_seconds
+        _check(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0,
+               "train.watchdog_seconds", f"must be a number of seconds >= 0 (0 = off), got {w!r}")
 
 
 @dataclass(kw_only=True)
