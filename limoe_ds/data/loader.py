@@ -26,7 +26,7 @@ from limoe_ds.data.image import to_tensor
 from limoe_ds.data.sources import ResolvedSource, resolve_source
 from limoe_ds.data.stream import ReaderId, SampleSpec, SourcePos, WorkerStream
 from limoe_ds.data.tokenizer import Tokenizer
-from limoe_ds.runtime.proc import worker_init
+from limoe_ds.runtime.proc import start_forkserver, worker_init
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -94,6 +94,8 @@ class _Loader:
         # The server and every worker die with this rank however it dies, and leave stop signals to
         # it (limoe_ds.runtime.proc): the guard module is preloaded first, before torch's slow import.
         multiprocessing.set_forkserver_preload(["limoe_ds.runtime.forkserver_guard", "torch", "limoe_ds.data.loader"])
+        if self.cfg.num_workers > 0:
+            start_forkserver()  # now, not by the first worker: guarded (runtime.proc)
         extra = ({"prefetch_factor": self.cfg.prefetch_factor, "multiprocessing_context": "forkserver",
                   "worker_init_fn": worker_init} if self.cfg.num_workers > 0 else {})
         # A private generator: otherwise iterating a DataLoader draws its base seed from torch's

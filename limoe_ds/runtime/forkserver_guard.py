@@ -4,9 +4,10 @@ inherit (``limoe_ds.runtime.proc``). Imported anywhere else, it does nothing."""
 
 from __future__ import annotations
 
+import os
 import sys
 
-from limoe_ds.runtime.proc import guard_helper
+from limoe_ds.runtime.proc import PARENT_ENV, guard_helper
 
 
 def _in_forkserver() -> bool:
@@ -19,5 +20,12 @@ def _in_forkserver() -> bool:
     return False
 
 
+SERVER_PID: int | None = None
+"""This forkserver's PID, in the server and in the workers it forks (their parent: see
+``limoe_ds.runtime.proc.worker_init``)."""
+
 if _in_forkserver():
-    guard_helper()
+    # the rank that started this server: if it died before this ran, the death signal never comes
+    parent = os.environ.get(PARENT_ENV, "")
+    guard_helper(int(parent) if parent.isdigit() else None)
+    SERVER_PID = os.getpid()

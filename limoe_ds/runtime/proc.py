@@ -8,7 +8,10 @@ shards open and memory:
 * the forkserver: ``limoe_ds.runtime.forkserver_guard`` is in its preload list; importing it there
   sets ``PR_SET_PDEATHSIG`` = SIGKILL (the kernel kills it when the rank dies) and ignores the stop
   signals (SIGINT, SIGTERM, SIGUSR1): a signal sent to the whole process group is the rank's to act
-  on, and a killed forkserver would take the workers with it mid-epoch;
+  on, and a killed forkserver would take the workers with it mid-epoch. It is started with those
+  signals blocked (:func:`stop_signals_blocked`), so that one arriving during its start, before the
+  guard runs, cannot kill it either (seen: a group SIGTERM during the first batch broke the rank's
+  pipe to its forkserver);
 * each DataLoader worker (:func:`worker_init`, its ``worker_init_fn``): the same, its parent being
   the forkserver (it inherits the ignored signals from it);
 * the resource tracker exits by itself once every process holding its pipe (the rank, the
@@ -19,6 +22,7 @@ Stdlib only. Linux; elsewhere :func:`die_with_parent` does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -26,6 +30,9 @@ import sys
 import threading
 
 PR_SET_PDEATHSIG = 1
+PARENT_ENV = "LIMOE_FORKSERVER_PARENT"
+"""The PID of the rank starting a forkserver, in the environment the server inherits
+(:func:`start_forkserver`)."""
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -56,10 +63,37 @@ def guard_helper(parent_pid: int | None = None) -> None:
         os._exit(1)
 
 
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Block the stop signals in this thread (another thread of the process takes them: the
+    handler still runs), for starting a helper process: the blocked mask is inherited through fork
+    and exec, so a signal sent to the whole process group while the helper starts (before it can
+    ignore it) cannot kill it."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def start_forkserver() -> None:
+    """Start multiprocessing's forkserver (and its resource tracker) now, guarded: with the stop
+    signals blocked during its start, and told this process's PID so that it exits at once if this
+    process died before the guard could take effect (``limoe_ds.runtime.forkserver_guard``)."""
+    import multiprocessing.forkserver
+    import multiprocessing.resource_tracker
+    multiprocessing.resource_tracker.ensure_running()  # first: its start unblocks SIGINT/SIGTERM afterwards
+    os.environ[PARENT_ENV] = str(os.getpid())
+    with stop_signals_blocked():
+        multiprocessing.forkserver.ensure_running()
+
+
 def worker_init(worker_id: int) -> None:  # noqa: ARG001  (DataLoader's worker_init_fn signature)
     """DataLoader ``worker_init_fn``: the worker dies with its parent (the forkserver, which dies
-    with the rank) and ignores stop signals."""
-    guard_helper()
+    with the rank) and ignores stop signals. A worker whose forkserver died between the fork and
+    this call (seen: the rank SIGKILLed just then) would never get the signal: it exits now."""
+    guard = sys.modules.get("limoe_ds.runtime.forkserver_guard")
+    guard_helper(getattr(guard, "SERVER_PID", None))
 
 
 def pid_alive(pid: int) -> bool:
