@@ -196,7 +196,7 @@ os.kill(os.getpid(), signal.SIG{first})
 print("flag", stop.signum == signal.SIG{first}, flush=True)
 if {agree}:
     print("requested", stop.requested(), flush=True)
-os.kill(os.getpid(), signal.SIGTERM)
+os.kill(os.getpid(), signal.SIGTERM)  # before agreeing: the same request delivered twice
 stop.restore()
 os.kill(os.getpid(), signal.SIGTERM)  # after restore: ignored once stopping, the default action otherwise
 print("survived", flush=True)
@@ -208,7 +208,9 @@ print("survived", flush=True)
                                                   ("TERM", False, False)])
 def test_stop_flag_records_a_signal_and_a_second_sigterm_still_kills(first, agree, survives):
     """USR1 (Python's default: die) only sets the flag. Before the ranks agree to stop, a second
-    SIGTERM kills as before; after they agree, the save and the exit are not interrupted."""
+    SIGTERM is the same request delivered twice, and once the handlers are restored SIGTERM kills
+    again (tests/test_process_faults.py: the third signal kills); after they agree, the save and
+    the exit are not interrupted."""
     p = subprocess.run([sys.executable, "-c", STOP_FLAG_SCRIPT.format(first=first, agree=agree)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert "flag True" in p.stdout, p.stderr

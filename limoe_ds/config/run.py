@@ -66,6 +66,10 @@ class TrainConfig:
     """A non-finite loss skips the step; this many in a row stops the run."""
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass (same router noise: RNG state is replayed)."""
+    watchdog_seconds: float = 600.0
+    """A rank with no progress for this long (a hung data read, a stuck collective) ends the run
+    with one error line naming its rank, step and wait (exit status 70); building the run, loading
+    and saving checkpoints and evaluations get 4 times as long (limoe_ds.runtime.watchdog). 0 = off."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps!r}")
@@ -74,6 +78,8 @@ class TrainConfig:
             _check(v >= 0, f"train.{k}", f"must be >= 0, got {v!r}")
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.watchdog_seconds >= 0, "train.watchdog_seconds",
+               f"must be a number of seconds >= 0 (0 = off), got {self.watchdog_seconds!r}")
 
 
 @dataclass(kw_only=True)

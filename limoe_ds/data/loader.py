@@ -26,6 +26,7 @@ from limoe_ds.data.image import to_tensor
 from limoe_ds.data.sources import ResolvedSource, resolve_source
 from limoe_ds.data.stream import ReaderId, SampleSpec, SourcePos, WorkerStream
 from limoe_ds.data.tokenizer import Tokenizer
+from limoe_ds.runtime.proc import start_forkserver, worker_init
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -90,9 +91,13 @@ class _Loader:
         # feeder threads), and a child forked while another thread holds a lock can deadlock on its
         # first step (seen: an evaluation pass hung a 2-rank run at its 4th evaluation).
         # The server imports the data modules once; workers forked from it start in milliseconds.
-        multiprocessing.set_forkserver_preload(["torch", "limoe_ds.data.loader"])
-        extra = ({"prefetch_factor": self.cfg.prefetch_factor, "multiprocessing_context": "forkserver"}
-                 if self.cfg.num_workers > 0 else {})
+        # The server and every worker die with this rank however it dies, and leave stop signals to
+        # it (limoe_ds.runtime.proc): the guard module is preloaded first, before torch's slow import.
+        multiprocessing.set_forkserver_preload(["limoe_ds.runtime.forkserver_guard", "torch", "limoe_ds.data.loader"])
+        if self.cfg.num_workers > 0:
+            start_forkserver()  # now, not by the first worker: guarded (runtime.proc)
+        extra = ({"prefetch_factor": self.cfg.prefetch_factor, "multiprocessing_context": "forkserver",
+                  "worker_init_fn": worker_init} if self.cfg.num_workers > 0 else {})
         # A private generator: otherwise iterating a DataLoader draws its base seed from torch's
         # global RNG, which the trainer's router noise uses, and a resumed run would drift.
         return DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,

@@ -26,6 +26,7 @@ from limoe_ds.model import build_model
 from limoe_ds.moe import stats
 from limoe_ds.parallel.collectives import mean_over_ranks, sum_over_ranks
 from limoe_ds.runtime.preemption import Preempted, StopFlag
+from limoe_ds.runtime.watchdog import Watchdog
 from limoe_ds.train import engine as ds_engine
 from limoe_ds.train.logging import MetricsLog, Window, is_main, log, routing_metrics, success_rates
 
@@ -63,8 +64,12 @@ class Evaluator:
 class Trainer:
     """One run of ``cfg`` on this rank: what it is built from, and where the loop stands."""
 
-    def __init__(self, cfg: RunConfig, *, rank: int, world: int, stop: StopFlag | None = None) -> None:
+    def __init__(self, cfg: RunConfig, *, rank: int, world: int, stop: StopFlag | None = None,
+                 watchdog: Watchdog | None = None) -> None:
         self.cfg, self.stop = cfg, stop
+        self.watchdog = watchdog
+        """Fed a heartbeat at every phase of the loop (limoe_ds.runtime.watchdog); None: no watchdog."""
+        self._beat("building the run (model, engine, data)", kind="build", slow=True)
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.layout = parallel.Layout(rank=rank, world_size=world, ep=cfg.parallel.expert_parallel_size,
@@ -94,6 +99,10 @@ class Trainer:
         self.metrics: MetricsLog | None = None
         self.samples_per_step = cfg.micro_batch_size * self.layout.dp
         self.tokens_per_sample = cfg.model.num_patches + cfg.model.text_len
+
+    def _beat(self, what: str, *, kind: str, slow: bool = False, step: int | None = None) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat(what, step=getattr(self, "step", 0) if step is None else step, kind=kind, slow=slow)
 
     # -- building -----------------------------------------------------------------------------------
     def _engine(self):
@@ -132,6 +141,7 @@ class Trainer:
         path = checkpoint.find_latest(self.ckpt_root) if resume == "auto" else Path(resume)
         if path is None:
             return None
+        self._beat(f"loading the checkpoint {path}", kind="save", slow=True)
         step, rank_state = checkpoint.load(self.engine, path)
         self._lr_from_schedule()
         data = rank_state.get("data")
@@ -162,6 +172,7 @@ class Trainer:
 
     def save(self) -> Path:
         step = self.step
+        self._beat("saving the checkpoint", kind="save", slow=True)
 
         def rank_state():
             return {"rng": checkpoint.rng_state(), "data": self.loader.state_dict(), "step": step}
@@ -191,7 +202,11 @@ class Trainer:
             checkpoint.set_rng_state(rng)  # after iter(): a DataLoader iterator draws its base seed from torch's RNG
         try:
             while self.step < cfg.train.steps:
-                if not self.train_step(next(data)):
+                self._beat("waiting for the next batch from the data loader", kind="data", step=self.step + 1)
+                batch = next(data)
+                self._beat("running forward/backward and the optimizer step (collectives with the other ranks)",
+                           kind="step", step=self.step + 1)
+                if not self.train_step(batch):
                     continue
                 if bar is not None:
                     bar.update(1)
@@ -228,15 +243,18 @@ class Trainer:
         """Log, evaluate, save and stop on a signal, as the step number says."""
         cfg, step = self.cfg, self.step
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            self._beat("logging (collectives with the other ranks)", kind="step")
             self.log_window()
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.steps:
             self.evaluate()
         saved = (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.steps
         path = self.save() if saved else None
-        if self.stop is not None and step < cfg.train.steps and self.stop.requested():  # one tiny all-reduce
-            path = path or self.save()
-            self.metrics.close()
-            raise Preempted(step, self.stop.signum, path)
+        if self.stop is not None and step < cfg.train.steps:
+            self._beat("agreeing on a stop request (a collective with the other ranks)", kind="step")
+            if self.stop.requested():  # one tiny all-reduce
+                path = path or self.save()
+                self.metrics.close()
+                raise Preempted(step, self.stop.signum, path, self.stop.reason)
 
     def log_window(self) -> None:
         window, engine = self.window, self.engine
@@ -260,6 +278,7 @@ class Trainer:
         self.window = Window()
 
     def evaluate(self) -> dict[str, float]:
+        self._beat("evaluating", kind="eval", slow=True)
         scalars, images = self.evaluator(self.engine.module)
         self.metrics.write(self.step, scalars)
         self.metrics.write_images(self.step, images)
@@ -285,10 +304,12 @@ class Trainer:
         return tqdm(total=self.cfg.train.steps, initial=self.start, desc="train", dynamic_ncols=True, file=sys.stderr)
 
 
-def train(cfg: RunConfig, *, rank: int, world: int, resume: str = "auto", stop: StopFlag | None = None) -> dict:
+def train(cfg: RunConfig, *, rank: int, world: int, resume: str = "auto", stop: StopFlag | None = None,
+          watchdog: Watchdog | None = None) -> dict:
     """Train (resuming per ``resume``), evaluate, and return the run summary (every rank). With
-    ``stop``, a signal makes it save at the next step boundary and raise ``Preempted``."""
+    ``stop``, a signal makes it save at the next step boundary and raise ``Preempted``; with
+    ``watchdog``, every phase feeds it a heartbeat."""
     try:
-        return Trainer(cfg, rank=rank, world=world, stop=stop).fit(resume)
+        return Trainer(cfg, rank=rank, world=world, stop=stop, watchdog=watchdog).fit(resume)
     finally:
         parallel.teardown()  # the layout's process groups belong to this run
