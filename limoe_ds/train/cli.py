@@ -14,6 +14,7 @@ import contextlib
 import json
 import sys
 
+from limoe_ds.checkpoint.format import CheckpointError
 from limoe_ds.compat.deepspeed import CompatError
 from limoe_ds.config import run as run_config
 from limoe_ds.config.errors import ConfigError
@@ -69,6 +70,8 @@ def _run(args: argparse.Namespace, stop: StopFlag, rank: int, world: int) -> int
     from limoe_ds.train.trainer import train
     try:
         summary = train(cfg, rank=rank, world=world, resume=args.resume, stop=stop)
+    except CheckpointError as e:  # the same line on every rank (decided together): rank 0 prints it
+        return fail(e, rank=rank)
     except (ConfigError, DataError) as e:
         return fail(e, rank=rank, every_rank=True)
     except Preempted as e:
