@@ -7,6 +7,16 @@ last; ``latest`` holds the newest complete tag (replaced atomically).
 A save writes ``stepN.partial`` and renames it to ``stepN`` only after every rank has finished
 (barrier) and the marker is written, so a crash mid-save leaves the previous checkpoint intact and
 loadable; ``find_latest`` ignores partial directories, and the next save removes them.
+
+Integrity (``limoe_ds.checkpoint.integrity``): every file's size and crc32 are computed while it is
+written and recorded in the marker (``"files"``); a resume verifies them first, the ranks splitting
+the files and gathering one verdict (``verify_collectively``), so that every rank takes the same
+decision. ``choose_resume``: ``--resume auto`` takes the newest checkpoint that verifies (a warning
+names the damaged file and the steps that will be recomputed); an explicit ``--resume DIR`` that
+does not verify is one ``CheckpointError`` line naming the file and the fallback command. A damaged
+checkpoint is never deleted: pruning skips it and deletes only earlier steps (``prunable``), and
+saving its step again sets it aside as ``stepN.damaged``. A write error on any rank (disk full) is
+one line on every rank naming the file, the size needed and what to free (``save``).
 """
 
 from __future__ import annotations
@@ -139,8 +149,12 @@ def _finish(ckpt_root: Path, step: int, partial: Path, final: Path, recorded: di
                   file=sys.stderr, flush=True)
         else:
             shutil.rmtree(final)
-    os.replace(partial, final)
-    atomic_write_text(ckpt_root / fmt.LATEST, final.name)
+    os.replace(partial, final)  # complete from here: failing to write ``latest`` (find_latest ignores it) only warns
+    try:
+        atomic_write_text(ckpt_root / fmt.LATEST, final.name)
+    except OSError as e:
+        print(f"warning: {ckpt_root / fmt.LATEST}: cannot be written ({e.strerror}); {final} is complete",
+              file=sys.stderr, flush=True)
     for old in prunable(ckpt_root, step, keep_last):
         shutil.rmtree(old)
 
@@ -172,7 +186,8 @@ def _raise_write_error(reports: list, ckpt_root: Path, step: int) -> None:
     if first is None:
         return
     path, err, strerror, _ = first
-    prev = find_latest(ckpt_root)
+    good = [c for c in complete_checkpoints(ckpt_root) if fmt.tag_step(c.name) < step and c.resolve() not in _DAMAGED]
+    prev = good[-1] if good else None
     partial = ckpt_root / f"{fmt.tag(step)}{fmt.PARTIAL_SUFFIX}"
     if err in (errno.ENOSPC, errno.EDQUOT):
         what = "no space left on device" if err == errno.ENOSPC else "disk quota exceeded"
@@ -242,7 +257,8 @@ def choose_resume(ckpt_root: Path, resume: str) -> tuple[Path | None, list[str]]
     notes: list[str] = []
     if resume != "auto":
         path = Path(resume)
-        read_marker(path, "--resume")  # no marker: not a complete checkpoint (ConfigError)
+        if not (path / MARKER).is_file():
+            read_marker(path, "--resume")  # no marker: not a complete checkpoint (ConfigError)
         verdict = verify_collectively(path)
         if verdict.ok:
             return path, [integrity.LEGACY_NOTE + f": {path}"] if verdict.legacy else []
