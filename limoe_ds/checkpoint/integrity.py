@@ -58,7 +58,7 @@ from limoe_ds.checkpoint.format import CheckpointError
 DIGEST = "crc32"
 """The checksum recorded per file (the marker's per-file key; zlib.crc32, 8 hex digits)."""
 
-LEGACY_NOTE = "no checksums (written by an older limoe_ds): checked file sizes and zip CRCs only"
+LEGACY_NOTE = "no checksums (written by an older limoe_ds): checked the zip CRCs of its .pt files only"
 
 
 class WriteError(OSError):

@@ -261,7 +261,7 @@ def choose_resume(ckpt_root: Path, resume: str) -> tuple[Path | None, list[str]]
             read_marker(path, "--resume")  # no marker: not a complete checkpoint (ConfigError)
         verdict = verify_collectively(path)
         if verdict.ok:
-            return path, [integrity.LEGACY_NOTE + f": {path}"] if verdict.legacy else []
+            return path, [f"note: {path}: {integrity.LEGACY_NOTE}"] if verdict.legacy else []
         fallback = _newest_good(path.parent, below=fmt.tag_step(path.name), skip=path)
         hint = (f"the previous complete checkpoint is {fallback}: resume it with --resume {fallback}"
                 if fallback is not None else f"no earlier checkpoint under {path.parent} verifies; "
@@ -278,7 +278,7 @@ def choose_resume(ckpt_root: Path, resume: str) -> tuple[Path | None, list[str]]
                 notes.append(f"warning: --resume auto: {_problem(v)}; falling back to {path}: steps "
                              f"{step + 1}-{newest} will be recomputed (the damaged {b.name} is kept)")
             if verdict.legacy:
-                notes.append(integrity.LEGACY_NOTE + f": {path}")
+                notes.append(f"note: {path}: {integrity.LEGACY_NOTE}")
             return path, notes
         bad.append((path, verdict))
     if bad:
