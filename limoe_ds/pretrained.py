@@ -87,9 +87,36 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
         if not (path / f).is_file():
             raise FileNotFoundError(f"{path / f} is missing: not an exported limoe_ds model "
                                     f"(make one with tools/convert_checkpoint.py export)")
+    _verify_export(path)
     cfg = config_from_dict(json.loads((path / "config.json").read_text()))
     model = build_model(cfg, device="meta")
-    state = load_file(str(path / "model.safetensors"), device="cpu")
+    from limoe_ds.checkpoint.format import CheckpointError
+    try:
+        state = load_file(str(path / "model.safetensors"), device="cpu")
+    except Exception as e:  # safetensors' own errors name no file
+        raise CheckpointError(f"{path / 'model.safetensors'}: cannot be read ({type(e).__name__}: {str(e)[:80]}): "
+                              f"the file is truncated or damaged; export it again") from None
     model.load_state_dict(state, strict=True, assign=True)
     model.to(device=device, dtype=dtype)
     return Pretrained(model, Tokenizer.from_file(str(path / "tokenizer.json")))
+
+
+def _verify_export(path: Path) -> None:
+    """The weights' size and checksum against limoe_export.json (exports made before checksums
+    were recorded are read as they are, with a note)."""
+    import sys
+    from limoe_ds.checkpoint import integrity
+    from limoe_ds.checkpoint.format import CheckpointError
+    info = path / "limoe_export.json"
+    try:
+        files = json.loads(info.read_text()).get("files") if info.is_file() else None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{info}: cannot be read ({type(e).__name__}): the export is damaged; export it "
+                              f"again") from None
+    if not files:
+        print(f"note: {path}: no checksums (exported by an older limoe_ds)", file=sys.stderr, flush=True)
+        return
+    for name, want in files.items():
+        problem = integrity.check_file(path, name, want)
+        if problem is not None:
+            raise CheckpointError(problem.replace("resume an earlier checkpoint", "export it again"))

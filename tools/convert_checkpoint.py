@@ -20,11 +20,13 @@ of the epoch in progress is skipped: per-reader positions do not map to other ra
 layout's ranks as CPU processes here, or one rank each under a launcher with --world ranks. Resume
 with ``--resume OUT/stepN`` at the new layout.
 
-inspect: the checkpoint's layout, step and parameter count, after reading every shard (a quick
-check that a copied checkpoint is whole).
+inspect: the checkpoint's layout, step and parameter count, after checking every file's size and
+checksum against the completion marker and reading every shard (a check that a copied checkpoint is
+whole; a checkpoint written before checksums were recorded gets its zip CRCs checked instead).
+export and reshard check the same first.
 
-Errors (missing shard, truncated file, parameters that do not match the checkpoint's config, an
-existing output) print one ``error: ...`` line and exit 2. Runs on CPU, no process group.
+Errors (missing shard, truncated or damaged file, unreadable marker, parameters that do not match
+the checkpoint's config, an existing output) print one ``error: ...`` line and exit 2. Runs on CPU, no process group.
 """
 
 from __future__ import annotations

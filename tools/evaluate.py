@@ -7,7 +7,9 @@ each dropless and at the training capacity factor; one JSON report with the comm
         --set data.val=/data/coco-val eval.zero_shot=[/data/imagenet-zs]
 
 The model is rebuilt from the configuration stored in the checkpoint, with every expert on every
-rank (no expert parallelism, so any number of ranks works); ranks split the data. ``--set``
+rank (no expert parallelism, so any number of ranks works); ranks split the data. The files it
+reads (marker, model states, experts) are checked against the checksums recorded at save first: a
+damaged one is one ``error:`` line naming it, exit status 2. ``--set``
 overrides that configuration (e.g. other evaluation data).
 
 Standard benchmarks from your own copies, ``--data KIND=PATH[,KEY=VALUE...]`` (repeatable):

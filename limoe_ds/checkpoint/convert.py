@@ -32,15 +32,14 @@ from typing import Any, Callable
 import torch
 
 from limoe_ds.checkpoint import format as fmt
+from limoe_ds.checkpoint import integrity
 from limoe_ds.checkpoint import io as checkpoint
+from limoe_ds.checkpoint.format import CheckpointError
 from limoe_ds.moe.names import global_expert_name, is_expert, split_expert_name
 from limoe_ds.parallel.layout import Layout
 from limoe_ds.parallel.tp_plan import tp_partition, tp_unshard
 
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be converted; the message names the file and the problem."""
+__all__ = ["CheckpointError", "FullState", "export", "read_full_state"]
 
 
 @dataclass
@@ -114,6 +113,8 @@ def read_full_state(ckpt_dir: str | os.PathLike, keep: Callable[[str], bool] | N
         marker = checkpoint.read_marker(ckpt_dir, "checkpoint")
     except ValueError as e:
         raise CheckpointError(str(e)) from None
+    if keep is None:  # every file, before reading any (a resharding rank's source was verified by check_reshard)
+        integrity.require(ckpt_dir, "checkpoint")
     cfg = marker["config"]
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2):
@@ -314,13 +315,15 @@ def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite
     try:
         save_file({k: v.contiguous() for k, v in state.weights.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt", "limoe_step": str(state.step)})
+        weights_entry = integrity.file_entry(tmp / "model.safetensors")  # just written: hot in the page cache
         cfg = model_config(state.config["limoe"]["model"])
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         (tmp / "limoe_export.json").write_text(json.dumps({
             "source": str(Path(ckpt_dir).resolve()), "step": state.step, "weights": "fp32 optimizer master copy",
             "source_layout": {"tp": state.layout.tp, "ep": state.layout.ep, "world_size": state.layout.world_size},
-            "num_params": sum(v.numel() for v in state.weights.values())}, indent=1) + "\n")
+            "num_params": sum(v.numel() for v in state.weights.values()),
+            "files": {"model.safetensors": weights_entry}}, indent=1) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -19,9 +19,22 @@ import re
 from pathlib import Path
 
 MARKER = "limoe_complete.json"
+"""Written last; holds the run's config, layout and, since checksums were added, ``"files"``:
+``{name: {"bytes": N, "crc32": "8 hex digits"}}`` for every file of the checkpoint
+(``limoe_ds.checkpoint.integrity``)."""
 LATEST = "latest"
 PARTIAL_SUFFIX = ".partial"
 _TAG = re.compile(r"^step(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used or written (missing, truncated or damaged file, unreadable
+    marker, disk full); the message is one line naming the file, what is wrong and the fix. Entry
+    points print it as ``error: ...`` and exit 2 (``limoe_ds.runtime.cli.fail``)."""
+
+
+DAMAGED_SUFFIX = ".damaged"
+"""A damaged checkpoint set aside when its step is saved again (never deleted automatically)."""
 
 
 def tag(step: int) -> str:

@@ -38,6 +38,8 @@ def check_reshard(src: Path, out: Path, *, tp: int, ep: int, world: int) -> dict
         marker = checkpoint.read_marker(src, "checkpoint")
     except ValueError as e:
         raise CheckpointError(str(e)) from None
+    from limoe_ds.checkpoint import integrity
+    integrity.require(src, "checkpoint")  # every file, once, before any rank reads a part of it
     if marker["config"].get("zero_optimization", {}).get("stage", 0) == 0:
         raise CheckpointError(f"{src}: ZeRO stage 0; reshard fills the target through ZeRO 1/2's partitions; "
                               f"export works for it (tools/convert_checkpoint.py export)")

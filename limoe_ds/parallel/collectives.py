@@ -100,3 +100,22 @@ def gather_rows(x_NK: torch.Tensor, group=None) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded, group=group)
     return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def gather_objects(obj, group=None) -> list:
+    """Every rank's picklable ``obj``, in rank order, on every rank of ``group`` (one
+    all_gather_object: small values only, e.g. per-rank file checksums or error lines)."""
+    if not distributed(group):
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s picklable ``obj`` on every rank (so that every rank takes the same decision)."""
+    if not distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 
+from limoe_ds.checkpoint.format import CheckpointError
 from limoe_ds.compat.deepspeed import CompatError
 from limoe_ds.config import run as run_config
 from limoe_ds.config.errors import ConfigError
@@ -142,6 +143,8 @@ def _train(args: argparse.Namespace, stop: StopFlag, rank: int, world: int, cfg)
         from limoe_ds.train.trainer import train
         try:
             summary = train(cfg, rank=rank, world=world, resume=args.resume, stop=stop, watchdog=watchdog)
+        except CheckpointError as e:  # the same line on every rank (decided together): rank 0 prints it
+            return fail(e, rank=rank)
         except (ConfigError, DataError) as e:
             return fail(e, rank=rank, every_rank=True)
         except Preempted as e:

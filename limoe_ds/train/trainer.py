@@ -134,15 +134,21 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------------
     def resume(self, resume: str) -> dict | None:
         """Load model, optimizer and data position (``resume``: 'auto', 'none' or a checkpoint
-        directory); the RNG state is returned for the caller to set once the data iterator exists
-        (creating it draws from torch's RNG)."""
+        directory; every file verified first: 'auto' takes the newest checkpoint that verifies, with a
+        warning naming a damaged newer one; a damaged explicit one is a CheckpointError naming the
+        file and the fallback command, ``checkpoint.choose_resume``); the RNG state is returned for
+        the caller to set once the data iterator exists (creating it draws from torch's RNG)."""
         if resume == "none":
             return None
-        path = checkpoint.find_latest(self.ckpt_root) if resume == "auto" else Path(resume)
+        # every rank the same choice: verified by the ranks together; 'auto' falls back past a damaged one
+        path, notes = checkpoint.choose_resume(self.ckpt_root, resume)
+        for note in notes:
+            if is_main():
+                print(note, file=sys.stderr, flush=True)
         if path is None:
             return None
         self._beat(f"loading the checkpoint {path}", kind="save", slow=True)
-        step, rank_state = checkpoint.load(self.engine, path)
+        step, rank_state = checkpoint.load(self.engine, path, verified=True)
         self._lr_from_schedule()
         data = rank_state.get("data")
         if data is None:
