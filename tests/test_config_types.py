@@ -340,13 +340,20 @@ def test_entry_point_exits_2_with_one_line_before_any_process_group(tmp_path, mo
     path.write_text(json.dumps(raw))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
+    import limoe_ds.train.engine
+
+    def refused():
+        raise AssertionError("the entry point went on to start the process group")
+    monkeypatch.setattr(limoe_ds.train.engine, "init_distributed", refused)
+    initialized = torch.distributed.is_initialized()  # an earlier test of this process may have left one
+    capsys.readouterr()  # DeepSpeed's first import warns on stderr
     rc = main(["--deepspeed_config", str(path), *(["--set", *sets] if sets else [])])
     out = capsys.readouterr()
     err = out.err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and err[0].startswith(f"error: {key}: "), err
     assert "Traceback" not in out.err + out.out
-    assert not torch.distributed.is_initialized()  # and the unit-test guard would have raised had one started
+    assert torch.distributed.is_initialized() == initialized  # and the unit-test guard would have raised
 
 
 # ---- the other typed inputs tools read -----------------------------------------------------------

@@ -22,6 +22,7 @@ Stdlib only. Linux; elsewhere :func:`die_with_parent` does nothing.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import os
@@ -86,6 +87,25 @@ def start_forkserver() -> None:
     os.environ[PARENT_ENV] = str(os.getpid())
     with stop_signals_blocked():
         multiprocessing.forkserver.ensure_running()
+    if not _KILL_AT_EXIT:
+        atexit.register(_kill_workers_at_exit)  # runs before multiprocessing's own exit hook (LIFO)
+        _KILL_AT_EXIT.append(True)
+
+
+_KILL_AT_EXIT: list[bool] = []
+
+
+def _kill_workers_at_exit() -> None:
+    """SIGKILL this process's DataLoader workers still alive at exit. The DataLoader stops them
+    itself when its iterator is freed; an iterator still referenced when the process exits (the
+    run ended on an error: the traceback holds the loop's frame) is not, and multiprocessing's exit
+    hook then SIGTERMs its daemonic children and joins them, which waits forever for workers that
+    ignore stop signals (``worker_init``). Seen: both ranks of a run stopped by a full disk hung in
+    ``multiprocessing.util._exit_function``. The workers only read data: nothing is lost."""
+    import multiprocessing
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def worker_init(worker_id: int) -> None:  # noqa: ARG001  (DataLoader's worker_init_fn signature)
