@@ -136,23 +136,9 @@ def _copy_reference(reference_run: Path, tmp_path: Path, name: str, drop=()) -> 
 
 
 def _launch(run_dir: Path, steps: int, extra=(), supervised: bool = False) -> tuple[subprocess.Popen, _Output]:
-    from test_train import LAUNCHED, _launch as launch_train
-    if not supervised:
-        proc = launch_train(run_dir, steps, list(extra))
-        return proc, _Output(proc)
-    from test_train import TINY
-    from limoe_ds.runtime.launch_env import free_port
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "limoe_ds.runtime.supervise",
-           sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "launch" / "pretrain.py"), "--deepspeed_config", str(TINY), "--set", f"train.steps={steps}",
-           f"train.run_dir={run_dir}", "train.log_every=1", "train.save_every=4", "logging.progress_bar=false",
-           "ds.scheduler.params.warmup_num_steps=2", "eval.max_batches=1", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    LAUNCHED.append(proc)
+    from test_train import _launch as launch_train
+    wrapper = [sys.executable, "-m", "limoe_ds.runtime.supervise"] if supervised else []
+    proc = launch_train(run_dir, steps, list(extra), wrapper=wrapper)
     return proc, _Output(proc)
 
 
@@ -354,6 +340,22 @@ def test_the_forkserver_guard_does_nothing_outside_a_forkserver():
     before = signal.getsignal(signal.SIGTERM)
     import limoe_ds.runtime.forkserver_guard as guard
     assert not guard._in_forkserver() and signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.unit
+def test_a_forkserver_child_cut_off_by_its_dying_rank_prints_no_traceback(capsys):
+    """The forkserver's children report a failed start through sys.excepthook: a message cut short by
+    the rank's death (kill -9 mid-start) is quiet, any other failure still prints its traceback."""
+    import pickle
+    import limoe_ds.runtime.forkserver_guard as guard
+    for cut in (pickle.UnpicklingError("pickle data was truncated"), EOFError("Ran out of input")):
+        guard._quiet_when_cut_off(type(cut), cut, None)
+    assert capsys.readouterr().err == ""
+    try:
+        raise ValueError("a real failure")
+    except ValueError as e:
+        guard._quiet_when_cut_off(ValueError, e, e.__traceback__)
+    assert "ValueError: a real failure" in capsys.readouterr().err
 
 
 STOP_SCRIPT = """

@@ -270,11 +270,12 @@ def test_activation_checkpointing_recomputes_the_same_routing():
 LAUNCHED: list[subprocess.Popen] = []  # killed after each test if still running (tests/conftest.py)
 
 
-def _launch(run_dir: Path, steps: int, extra=(), ranks: int = 2) -> subprocess.Popen:
+def _launch(run_dir: Path, steps: int, extra=(), ranks: int = 2, wrapper=()) -> subprocess.Popen:
+    """The deepspeed runner on ``ranks`` CPU ranks (behind ``wrapper``, a command prefix, if given)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+    cmd = [*wrapper, sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
            "--master_port", str(free_port()),
            str(ROOT / "launch" / "pretrain.py"), "--deepspeed_config", str(TINY), "--set", f"train.steps={steps}",
            f"train.run_dir={run_dir}", "train.log_every=1", "train.save_every=4", "logging.progress_bar=false",

@@ -5,6 +5,7 @@ inherit (``limoe_ds.runtime.proc``). Imported anywhere else, it does nothing."""
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 
 from limoe_ds.runtime.proc import PARENT_ENV, guard_helper
@@ -24,8 +25,20 @@ SERVER_PID: int | None = None
 """This forkserver's PID, in the server and in the workers it forks (their parent: see
 ``limoe_ds.runtime.proc.worker_init``)."""
 
+def _quiet_when_cut_off(kind, value, tb) -> None:
+    """The excepthook of the server's children. multiprocessing's forkserver reports a child's
+    failure to start through ``sys.excepthook``; a child whose rank died while sending it its work
+    (``kill -9`` of the rank mid-start) fails to unpickle a message cut short (``pickle data was
+    truncated``, EOFError) and would print that traceback beside the launcher's report of the dead
+    rank. That one failure exits quietly; any other goes to the default hook."""
+    if issubclass(kind, (EOFError, pickle.UnpicklingError)):
+        return
+    sys.__excepthook__(kind, value, tb)
+
+
 if _in_forkserver():
     # the rank that started this server: if it died before this ran, the death signal never comes
     parent = os.environ.get(PARENT_ENV, "")
     guard_helper(int(parent) if parent.isdigit() else None)
     SERVER_PID = os.getpid()
+    sys.excepthook = _quiet_when_cut_off  # inherited by every child it forks
