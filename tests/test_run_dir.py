@@ -30,7 +30,7 @@ REFERENCE_SETS = ["train.steps=4", "train.log_every=1", "train.save_every=2", "l
 
 
 @pytest.fixture
-def no_process_group(monkeypatch):
+def no_process_group(monkeypatch, capsys):
     """The entry point must stop before any process group: starting one fails the test."""
     import torch.distributed
 
@@ -40,6 +40,7 @@ def no_process_group(monkeypatch):
     # and the entry point's own call, which does nothing when an earlier test of this process left a group
     import limoe_ds.train.engine
     monkeypatch.setattr(limoe_ds.train.engine, "init_distributed", refused)
+    capsys.readouterr()  # DeepSpeed's first import warns on stderr
     monkeypatch.chdir(ROOT)  # the reference run's config names data/mini relative to the repository
 
 
