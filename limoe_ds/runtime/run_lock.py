@@ -42,6 +42,8 @@ import sys
 import time
 from pathlib import Path
 
+from limoe_ds.runtime.proc import pid_alive
+
 LOCK_DIR = ".lock"
 _UNSUPPORTED = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}
 """errno values of a file system that does not do record locks (Lustre -o noflock, some FUSE)."""
@@ -81,11 +83,10 @@ def rank0_reports(run_dir: str | os.PathLike, holder: dict | None) -> bool:
         return False
     if first.get("host") == socket.gethostname():  # a pid we can ask about
         try:
-            os.kill(int(first["pid"]), 0)
-        except (ProcessLookupError, ValueError, TypeError, KeyError):
+            pid = int(first["pid"])
+        except (ValueError, TypeError, KeyError):
             return False
-        except PermissionError:
-            pass
+        return pid_alive(pid)
     return True
 
 
