@@ -26,5 +26,9 @@ setup(
         "numpy>=1.24",
         "ninja",  # DeepSpeed JIT-compiles its CPU communication op
     ],
-    extras_require={"test": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.6", "webdataset>=1.0"]},
+    extras_require={
+        # tools/build_dataset.py rasterises SVG icons with resvg; pinned, so a rebuild is byte-identical
+        "data": ["resvg-py==0.5.0"],
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.6", "webdataset>=1.0", "resvg-py==0.5.0"],
+    },
 )
