@@ -231,10 +231,10 @@ def test_to_dict_keeps_the_stored_keys_and_resolves_again():
     def without_new(d):  # the fields added since the legacy markers were written, at their defaults
         d = copy.deepcopy(d)
         for dotted, default in NEW_FIELDS.items():
-            *path, last = dotted.split(".")
+            *path, last = re.findall(r"[^.\[\]]+|\[\d+\]", dotted)
             node = d
             for p in path:
-                node = node[p]
+                node = node[int(p[1:-1])] if p.startswith("[") else node[p]
             assert node.pop(last) == default, dotted
         return d
 
@@ -247,7 +247,8 @@ def test_to_dict_keeps_the_stored_keys_and_resolves_again():
     assert without_new(json.loads(json.dumps(again.to_dict()))) == legacy
 
 
-NEW_FIELDS = {"limoe.train.watchdog_seconds": 600.0}
+NEW_FIELDS = {"limoe.train.watchdog_seconds": 600.0, "limoe.data.train[0].synthetic": None,
+              "limoe.data.val.synthetic": None, "limoe.eval.compositional": [], "limoe.eval.compositional_scenes": 1000}
 """Config fields added after tests/assets/legacy was written (dotted key in to_dict() -> default)."""
 
 

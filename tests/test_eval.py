@@ -467,3 +467,71 @@ def test_analyze_experts_writes_a_consistent_report_and_figures(tiny_run, tmp_pa
     overlay = Image.open(out / "patches_layer3.png")
     assert overlay.size == (2 * 32 * 4, 4 * 32 * 4)
     assert analyze_experts.main(["--checkpoint", str(tmp_path / "nope"), "--out", str(out)]) == 2
+
+
+# ---- the compositional evaluation (held-out compositions of synthetic:scenes) --------------------
+def test_compositional_metrics_of_a_perfect_and_of_a_random_embedding_worked_by_hand():
+    from limoe_ds.data.synthetic import compositional_set
+    cs = compositional_set("synthetic:scenes", 40)
+    texts = list(dict.fromkeys(cs.captions + [t for negs in cs.negatives for _, t in negs]))
+    row = {t: i for i, t in enumerate(texts)}
+    gen = torch.Generator().manual_seed(0)
+    txt = torch.nn.functional.normalize(torch.randn(len(texts), 256, generator=gen), dim=-1)
+    caption = torch.tensor([row[c] for c in cs.captions])
+    kinds = {}
+    for i, negs in enumerate(cs.negatives):
+        for kind, t in negs:
+            kinds.setdefault(kind, ([], []))[0].append(i)
+            kinds[kind][1].append(row[t])
+    common = dict(negatives={k: (torch.tensor(a), torch.tensor(b)) for k, (a, b) in kinds.items()},
+                  negatives_per_image_N=torch.tensor([len(n) for n in cs.negatives]), caption_N=caption,
+                  labels_N=torch.tensor([cs.label(i) for i in range(40)]), heldout_classes=cs.heldout_classes,
+                  class_colour_C=torch.arange(64) // 8, class_shape_C=torch.arange(64) % 8,
+                  retrieval_N=torch.tensor(sorted({c: i for i, c in reversed(list(enumerate(cs.captions)))}.values())))
+    classifier = torch.eye(64, 256)
+    # each image IS its caption's embedding: every negative loses, retrieval is perfect
+    perfect = metrics.compositional_metrics(txt[caption], txt, classifier_CK=classifier, **common)
+    assert {k: v for k, v in perfect.items() if k.startswith("negatives/") and "chance" not in k} == {
+        f"negatives/{k}": 1.0 for k in ("colour", "shape", "size", "texture", "order", "all")}
+    assert perfect["retrieval/i2t/R@1"] == perfect["retrieval/t2i/R@1"] == 1.0
+    # one-object scenes are 1 in 2 (K = 4 negatives), two-object ones K = 3 (colour, shape, order)
+    assert perfect["negatives/chance_all"] == pytest.approx((1 / 5 + 1 / 4) / 2)
+    assert perfect["retrieval/chance_R@1"] == 1 / perfect["retrieval/pairs"]
+    # images on the classifier's rows: classified right, colour and shape too
+    labels = common["labels_N"]
+    img = txt[caption].clone()
+    img[labels >= 0] = classifier[labels[labels >= 0]]
+    cls = metrics.compositional_metrics(img, txt, classifier_CK=classifier, **common)
+    assert cls["classify/top1"] == cls["classify/heldout_top1"] == cls["classify/colour_top1"] == 1.0
+    assert (cls["classify/chance_top1"], cls["classify/chance_heldout_top1"], cls["classify/chance_colour_top1"]) == (
+        1 / 64, 1 / 10, 1 / 8)
+    # all-equal scores: ties count against the model, every pairwise test is lost
+    flat = metrics.compositional_metrics(torch.zeros(40, 256), txt, classifier_CK=classifier, **common)
+    assert flat["negatives/colour"] == flat["negatives/all"] == flat["classify/top1"] == 0.0
+
+
+def test_compositional_evaluation_of_a_random_tiny_model_has_every_metric_in_range():
+    from limoe_ds.data import Tokenizer
+    from limoe_ds.data.synthetic import NEGATIVE_TYPES, compositional_set
+    from limoe_ds.eval.run import evaluate
+    from limoe_ds.model import build_model
+    tok = Tokenizer.from_file(str(MINI / "tokenizer.json"))
+    model = build_model("tiny", seed=3)
+    cs = compositional_set("synthetic:scenes", 120)
+    out = evaluate(model, compositional_sets=[cs], tokenizer=tok)
+    assert model.training  # evaluate() restores the mode
+    for mode in ("dropless", "train_cf"):
+        p = f"{mode}/compositional/scenes/"
+        keys = [f"classify/{k}" for k in ("top1", "heldout_top1", "colour_top1", "shape_top1")] + \
+               [f"negatives/{k}" for k in NEGATIVE_TYPES + ("all",)] + \
+               [f"retrieval/{d}/R@{k}" for d in ("i2t", "t2i") for k in (1, 5)]
+        for k in keys:
+            head, _, tail = k.rpartition("/")
+            chance = f"{p}{head}/chance_{tail}" if head != "retrieval/i2t" and head != "retrieval/t2i" else \
+                f"{p}retrieval/chance_{tail}"
+            assert 0.0 <= out[p + k] <= 1.0 and 0.0 < out[chance] <= 0.5, (k, out[p + k], out.get(chance))
+        assert out[p + "scenes"] == 120 and out[p + "classify/images"] == 60
+        assert out[p + "negatives/chance_order"] == 0.5 and out[p + "classify/chance_top1"] == 1 / 64
+        assert 0 < out[p + "retrieval/pairs"] <= 120
+    again = evaluate(model, compositional_sets=[cs], tokenizer=tok)
+    assert again == out  # deterministic, and the drawn images are kept

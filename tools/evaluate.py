@@ -22,7 +22,9 @@ Standard benchmarks from your own copies, ``--data KIND=PATH[,KEY=VALUE...]`` (r
 name per line in that order; templates default to the 80 CLIP ones when open_clip is installed.
 ``coco`` / ``flickr30k`` (or ``karpathy``): Karpathy-split JSON, images at IMAGES/filepath/filename,
 several captions per image. Any kind takes ``name=`` (report key). Report keys:
-MODE/zeroshot/NAME/... and MODE/retrieval/NAME/... (limoe_ds/data/benchmarks.py).
+MODE/zeroshot/NAME/... and MODE/retrieval/NAME/... (limoe_ds/data/benchmarks.py); with
+``--set eval.compositional=[synthetic:scenes]`` the compositional evaluation on held-out attribute
+combinations, drawn on the fly, MODE/compositional/scenes/... (docs/EVALUATION.md).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def _benchmarks(specs: list[str], threads: int) -> list:
 def _evaluate(cfg, state, benchmarks: list, rank: int, world: int) -> dict[str, float]:
     from limoe_ds.data import Tokenizer, build_eval_loader
     from limoe_ds.data.benchmarks import CaptionSet
+    from limoe_ds.data.synthetic import compositional_set
     from limoe_ds.data.zeroshot import load_zeroshot_set
     from limoe_ds.train.engine import init_distributed
     from limoe_ds.eval.run import evaluate
@@ -68,7 +71,9 @@ def _evaluate(cfg, state, benchmarks: list, rank: int, world: int) -> dict[str, 
     zero_shot = [load_zeroshot_set(z) for z in cfg.eval.zero_shot] + [b for b in benchmarks
                                                                       if not isinstance(b, CaptionSet)]
     return evaluate(model, val_loader=val, zero_shot_sets=zero_shot,
-                    retrieval_sets=[b for b in benchmarks if isinstance(b, CaptionSet)], tokenizer=tok,
+                    retrieval_sets=[b for b in benchmarks if isinstance(b, CaptionSet)],
+                    compositional_sets=[compositional_set(c, cfg.eval.compositional_scenes)
+                                        for c in cfg.eval.compositional], tokenizer=tok,
                     dp_rank=rank, dp_size=world, max_batches=cfg.eval.max_batches)
 
 

@@ -267,8 +267,8 @@ def _verdict(key: str, old: Any, cur: Any, new_flat: dict[str, Any]) -> tuple[st
 
 
 def _real(p: Any) -> Any:
-    if isinstance(p, str):
-        return os.path.realpath(p)
+    if isinstance(p, str):  # a procedural source's name (synthetic:scenes) is compared as it is written
+        return p if p.startswith("synthetic:") else os.path.realpath(p)
     if isinstance(p, list):
         return [_real(q) for q in p]
     return p

@@ -14,7 +14,59 @@ from typing import Any, Mapping
 from limoe_ds.config.errors import check as _check
 from limoe_ds.config.typed import build
 
-FORMATS = ("auto", "webdataset", "parquet", "arrow", "folder")
+FORMATS = ("auto", "webdataset", "parquet", "arrow", "folder", "synthetic")
+
+SYNTHETIC_PREFIX = "synthetic:"
+SYNTHETIC_FAMILIES = ("scenes",)
+"""Procedural sources (``limoe_ds.data.synthetic``), named ``synthetic:FAMILY`` where a path goes."""
+SYNTHETIC_SPLITS = ("train", "val", "heldout")
+
+
+def is_synthetic(path: Any) -> bool:
+    """A procedural source's name (``synthetic:scenes``), not a file."""
+    return isinstance(path, str) and path.startswith(SYNTHETIC_PREFIX)
+
+
+def check_synthetic_name(name: str, key: str) -> str:
+    """``synthetic:FAMILY`` -> FAMILY, or a ConfigError naming ``key``."""
+    family = name[len(SYNTHETIC_PREFIX):]
+    _check(family in SYNTHETIC_FAMILIES, key,
+           f"unknown procedural source {name!r}; known: {[SYNTHETIC_PREFIX + f for f in SYNTHETIC_FAMILIES]}")
+    return family
+
+
+@dataclass(kw_only=True)
+class SyntheticConfig:
+    """Options of a procedural source (``path: "synthetic:scenes"``): scenes drawn on the fly, sample i
+    a pure function of (seed, split, i). A training source is endless and never repeats a scene:
+    epoch e's virtual shard s holds the indices ``[(e * shards + s) * shard_size, ... + shard_size)``.
+    An evaluation source (data.val) is one epoch: ``shards * shard_size`` scenes."""
+
+    seed: int = 0
+    """Seeds the scenes themselves (data.seed still orders, shuffles and crops them)."""
+    split: str | None = None
+    """train (held-in compositions) | val (held-in, another stream than train) | heldout (the held-out
+    compositions, never in train); None = train for data.train, val for data.val."""
+    max_objects: int = 2
+    """1: one object per scene; 2: one or two (half each), two with a relation (left of / above ...)."""
+    image_size: int = 64
+    """Side of the drawn image in pixels (the loader then crops / resizes to the model's size)."""
+    shards: int = 64
+    """Virtual shards per epoch (the unit split among ranks and workers: make it divisible by them)."""
+    shard_size: int = 1000
+    """Scenes per virtual shard."""
+
+    check_key = "data.source.synthetic"
+
+    def __post_init__(self) -> None:
+        k = self.check_key
+        _check(self.split is None or self.split in SYNTHETIC_SPLITS, f"{k}.split",
+               f"must be one of {SYNTHETIC_SPLITS} or null, got {self.split!r}")
+        _check(self.max_objects in (1, 2), f"{k}.max_objects", f"must be 1 or 2, got {self.max_objects}")
+        _check(16 <= self.image_size <= 1024, f"{k}.image_size", f"must be in [16, 1024], got {self.image_size}")
+        _check(self.shards >= 1, f"{k}.shards", f"must be >= 1, got {self.shards}")
+        _check(self.shard_size >= 1, f"{k}.shard_size", f"must be >= 1, got {self.shard_size}")
+        _check(self.seed >= 0, f"{k}.seed", f"must be >= 0, got {self.seed}")
 
 
 @dataclass(kw_only=True)
@@ -37,6 +89,9 @@ class SourceConfig:
     None = DataConfig.image_key for parquet/arrow and ``file_name`` for folders."""
     captions_file: str | None = None
     """folder only: the captions .jsonl/.csv; None = the single *.jsonl or *.csv inside ``path``."""
+    synthetic: SyntheticConfig | None = None
+    """synthetic only (``path: "synthetic:scenes"``): the procedural source's options; None = the
+    defaults (filled in, so the resolved config records them)."""
 
     # config.typed hooks: how a message names a source, the prefix of the keys below (replaced by
     # the real one: data.train[1].weight), and a plain path or list of paths as the whole source.
@@ -54,6 +109,23 @@ class SourceConfig:
                f"must be a non-empty path, glob or list of them, got {self.path!r}")
         _check(self.format in FORMATS, "data.source.format", f"must be one of {FORMATS}, got {self.format!r}")
         _check(self.weight > 0, "data.source.weight", f"must be > 0, got {self.weight}; drop the source instead")
+        self._check_synthetic(paths)
+
+    def _check_synthetic(self, paths: list[str]) -> None:
+        synthetic = [p for p in paths if is_synthetic(p)]
+        if not synthetic:
+            _check(self.format != "synthetic", "data.source.path",
+                   f"format synthetic needs a procedural source name such as 'synthetic:scenes', got {self.path!r}")
+            _check(self.synthetic is None, "data.source.synthetic",
+                   "only for a procedural source (path: synthetic:scenes); drop it")
+            return
+        _check(len(paths) == 1, "data.source.path",
+               f"a procedural source is one name ('synthetic:scenes'), got {self.path!r}; give each its own source")
+        check_synthetic_name(paths[0], "data.source.path")
+        _check(self.format in ("auto", "synthetic"), "data.source.format",
+               f"{self.path!r} is a procedural source: format must be synthetic or auto, got {self.format!r}")
+        if self.synthetic is None:
+            self.synthetic = SyntheticConfig()
 
     @property
     def paths(self) -> list[str]:
@@ -101,6 +173,14 @@ class DataConfig:
         self.train = [_as_source(s, f"data.train[{i}]") for i, s in enumerate(train)]
         if self.val is not None:
             self.val = _as_source(self.val, "data.val")
+        for i, src in enumerate(self.train):
+            split = src.synthetic.split if src.synthetic is not None else None
+            _check(split in (None, "train"), f"data.train[{i}].synthetic.split",
+                   f"a training source draws the held-in compositions (train), got {split!r}: val and heldout "
+                   "scenes must never be trained on; drop the key")
+        split = self.val.synthetic.split if self.val is not None and self.val.synthetic is not None else None
+        _check(split in (None, "val", "heldout"), "data.val.synthetic.split",
+               f"must be val or heldout (scenes never trained on), got {split!r}")
         _check(self.shuffle_buffer >= 1, "data.shuffle_buffer",
                f"must be >= 1 (1 = no shuffling), got {self.shuffle_buffer}")
         _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
@@ -124,4 +204,5 @@ class DataConfig:
         return dataclasses.asdict(self)
 
 
-__all__ = ["DataConfig", "SourceConfig", "FORMATS"]
+__all__ = ["DataConfig", "SourceConfig", "SyntheticConfig", "FORMATS", "SYNTHETIC_FAMILIES", "SYNTHETIC_SPLITS",
+           "is_synthetic", "check_synthetic_name"]

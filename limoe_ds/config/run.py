@@ -27,7 +27,7 @@ import yaml
 from limoe_ds.compat.deepspeed import zero0_clipping_problem
 from limoe_ds.config import ds_keys, typed
 from limoe_ds.config.model import ModelConfig, config_from_dict, get_preset
-from limoe_ds.config.data import DataConfig
+from limoe_ds.config.data import DataConfig, check_synthetic_name, is_synthetic
 from limoe_ds.config.errors import ConfigError, check as _check
 
 
@@ -93,12 +93,25 @@ class EvalConfig:
     zero_shot: list[str] = field(default_factory=list)
     """Zero-shot classification sets (directories written by tools/build_mini_dataset.py: labelled
     image shards, classnames.txt, templates.txt, info.json)."""
+    compositional: list[str] = field(default_factory=list)
+    """Compositional evaluations on held-out attribute combinations, drawn on the fly (no files):
+    procedural source names, e.g. ["synthetic:scenes"] (limoe_ds.data.synthetic; docs/EVALUATION.md)."""
+    compositional_scenes: int = 1000
+    """Held-out scenes per compositional evaluation (half one object, half two)."""
 
     def __post_init__(self) -> None:
         for k in ("every", "batch_size", "max_batches"):
             v = getattr(self, k)
             _check(v >= 0, f"eval.{k}", f"must be >= 0, got {v!r}")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        for i, name in enumerate(self.compositional):
+            _check(is_synthetic(name), f"eval.compositional[{i}]",
+                   f"must be a procedural source name such as 'synthetic:scenes', got {name!r}")
+            check_synthetic_name(name, f"eval.compositional[{i}]")
+        _check(len(set(self.compositional)) == len(self.compositional), "eval.compositional",
+               f"lists a source twice: {self.compositional}")
+        _check(self.compositional_scenes >= 2, "eval.compositional_scenes",
+               f"must be >= 2 (one scene of each kind), got {self.compositional_scenes}")
 
 
 @dataclass(kw_only=True)
@@ -244,6 +257,8 @@ def _check_paths(cfg: RunConfig) -> None:
 def _check_path_exists(paths: list[str], key: str) -> None:
     from limoe_ds.data.sources import expand_path
     for p in paths:
+        if is_synthetic(p):  # a procedural source: drawn on the fly, no file (its name was checked)
+            continue
         _check(any(os.path.exists(q) for q in expand_path(p)), key, f"{p!r} matches no file or directory")
 
 

@@ -256,8 +256,8 @@ def _spec(cfg: DataConfig, image_size: int, train: bool) -> SampleSpec:
                       max_caption_chars=cfg.max_caption_chars, crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio)
 
 
-def _resolve(cfg: DataConfig, src: SourceConfig, index: int, key: str) -> ResolvedSource:
-    return resolve_source(src, index, key, cfg.caption_key, cfg.image_key)
+def _resolve(cfg: DataConfig, src: SourceConfig, index: int, key: str, *, train: bool = True) -> ResolvedSource:
+    return resolve_source(src, index, key, cfg.caption_key, cfg.image_key, train=train)
 
 
 def build_train_loader(cfg: DataConfig, *, image_size: int, tokenizer: Tokenizer, text_len: int, batch_size: int,
@@ -277,7 +277,7 @@ def build_eval_loader(cfg: DataConfig, *, image_size: int, tokenizer: Tokenizer,
     _check_args(image_size, text_len, batch_size, dp_rank, dp_size)
     if cfg.val is None:
         raise DataError("data.val: no validation source; set data.val to a path")
-    sources = [_resolve(cfg, cfg.val, 0, "data.val")]
+    sources = [_resolve(cfg, cfg.val, 0, "data.val", train=False)]
     return EvalLoader(cfg, sources, _spec(cfg, image_size, False), tokenizer=tokenizer, text_len=text_len,
                       batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size)
 

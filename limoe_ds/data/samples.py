@@ -36,6 +36,10 @@ def decode_record(rec: Record, *, max_pixels: int, max_caption_chars: int) -> tu
     """-> (RGB image, caption, caption_was_truncated) or SkipSample naming the reason."""
     if rec.problem is not None:
         raise SkipSample(rec.problem, rec.detail)
+    if rec.render is not None:  # a procedural record: drawn now, already RGB (data/synthetic.py)
+        img, text = rec.render()
+        caption, truncated = check_caption(text, max_caption_chars)
+        return img, caption, truncated
     caption, truncated = check_caption(rec.caption, max_caption_chars)
     return decode_image(rec.image, max_pixels), caption, truncated
 

@@ -21,6 +21,8 @@ through ``datasets`` streaming, with any Image feature cast to ``Image(decode=Fa
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import glob
 import io
 import json
@@ -32,7 +34,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Iterator
 
-from limoe_ds.config.data import SourceConfig
+from PIL import Image
+
+from limoe_ds.config.data import SourceConfig, SyntheticConfig, is_synthetic
 from limoe_ds.data.errors import DataError
 from limoe_ds.data.image import IMAGE_EXTS
 
@@ -60,6 +64,9 @@ class Record:
     detail: str = ""
     lost: int = 0
     """damaged_shard / unreadable_shard only: samples the shard's index promised that were not read."""
+    render: Callable[[], tuple[Image.Image, str]] | None = None
+    """A procedural record (``data/synthetic.py``): draws (RGB image, caption) when it is decoded, so
+    neither pixels nor PNG bytes wait in a shuffle block; ``image`` and ``caption`` stay None."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,8 @@ class ResolvedSource:
     caption_key: str
     image_key: str | None
     captions_file: str | None
+    synthetic: SyntheticConfig | None = None
+    """format synthetic: the options, ``split`` resolved (train for training, val for evaluation)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +184,11 @@ def infer_format(paths: list[str], key: str) -> str:
     return next(iter(formats))
 
 
-def resolve_source(src: SourceConfig, index: int, key: str, caption_key: str, image_key: str) -> ResolvedSource:
+def resolve_source(src: SourceConfig, index: int, key: str, caption_key: str, image_key: str, *,
+                   train: bool = True) -> ResolvedSource:
+    """``train``: a training source (a procedural one then draws its train split by default)."""
+    if any(is_synthetic(p) for p in src.paths):
+        return _resolve_synthetic(src, index, key, train)
     paths = resolve_paths(src, key)
     fmt = src.format if src.format != "auto" else infer_format(paths, key)
     if fmt == "folder" and len(paths) != 1:
@@ -189,6 +202,16 @@ def resolve_source(src: SourceConfig, index: int, key: str, caption_key: str, im
     return ResolvedSource(index=index, name=key, shards=tuple(paths), format=fmt, weight=src.weight,
                           caption_key=src.caption_key or caption_key, image_key=img_key,
                           captions_file=src.captions_file)
+
+
+def _resolve_synthetic(src: SourceConfig, index: int, key: str, train: bool) -> ResolvedSource:
+    from limoe_ds.data import synthetic
+    cfg = src.synthetic or SyntheticConfig()
+    cfg = dataclasses.replace(cfg, split=cfg.split or ("train" if train else "val"))
+    name = src.paths[0]
+    return ResolvedSource(index=index, name=key, shards=synthetic.shard_names(name, cfg), format="synthetic",
+                          weight=src.weight, caption_key="caption", image_key=None, captions_file=None,
+                          synthetic=cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,13 +230,18 @@ class _Progress:
     """Set by the tar reader when the archive stopped before the true end of the file."""
 
 
-def read_shard(src: ResolvedSource, path: str, start: int, keep: Keep, *, count_failure: bool) -> Iterator[Record]:
+def read_shard(src: ResolvedSource, path: str, start: int, keep: Keep, *, count_failure: bool,
+               epoch: int = 0) -> Iterator[Record]:
     """Yield the shard's records from ``start``; a failure becomes one unreadable_shard record, a tar
     that stops short (or holds fewer samples than its index) one damaged_shard record.
 
     ``count_failure``: only one of the readers sharing a shard (record striding) reports its failure,
-    so each is counted and logged once per shard and pass.
+    so each is counted and logged once per shard and pass. ``epoch``: only a procedural source's
+    virtual shards read it (each epoch holds new scenes); files are the same every epoch.
     """
+    if src.format == "synthetic":
+        yield from _read_synthetic(src, path, start, keep, epoch)
+        return
     reader = {"webdataset": _read_tar, "parquet": _read_hf, "arrow": _read_hf, "folder": _read_folder}[src.format]
     last = start - 1
     prog = _Progress()
@@ -239,6 +267,17 @@ def read_shard(src: ResolvedSource, path: str, start: int, keep: Keep, *, count_
                     "an unknown number of samples lost (no index: NNNNN_stats.json or manifest.json)"
                     if lost is None else f"{lost} of the {expected} samples its index records are lost")
         yield Record(key=path, index=-1, problem="damaged_shard", detail=damage, lost=lost or 0)
+
+
+def _read_synthetic(src: ResolvedSource, path: str, start: int, keep: Keep, epoch: int) -> Iterator[Record]:
+    """Virtual shard ``path`` of ``epoch``: record i is scene ``shard_range(...)[i]``, drawn on decode."""
+    from limoe_ds.data import synthetic
+    cfg = src.synthetic
+    indices = synthetic.shard_range(cfg, synthetic.shard_of(path), epoch)
+    for i in range(start, len(indices)):
+        if keep(i):
+            yield Record(key=f"{cfg.split}-{indices[i]}", index=i,
+                         render=functools.partial(synthetic.draw, cfg, indices[i]))
 
 
 def _lost(src: ResolvedSource, path: str, prog: _Progress) -> int | None:

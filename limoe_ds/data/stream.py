@@ -122,20 +122,22 @@ class SourceStream:
         order = shard_order(len(self.src.shards), self.seed, self.src.index, epoch, self.shuffle)
         return assign(order, self.reader)
 
-    def _records(self, asg: Assignment, shard_pos: int, record: int) -> Iterator[tuple[int, int, int, Record]]:
+    def _records(self, asg: Assignment, shard_pos: int, record: int,
+                 epoch: int) -> Iterator[tuple[int, int, int, Record]]:
         """-> (shard_pos, record) where the *next* read would start, shard id, record."""
         keep = lambda i: i % asg.stride == asg.phase  # noqa: E731
         for pos in range(shard_pos, len(asg.shards)):
             shard = asg.shards[pos]
             start = record if pos == shard_pos else 0
-            for rec in read_shard(self.src, self.src.shards[shard], start, keep, count_failure=asg.phase == 0):
+            for rec in read_shard(self.src, self.src.shards[shard], start, keep, count_failure=asg.phase == 0,
+                                  epoch=epoch):
                 nxt = (pos + 1, 0) if rec.index < 0 else (pos, rec.index + 1)
                 yield nxt[0], nxt[1], shard, rec
 
     def _iter_blocks(self, epoch: int, block: int, shard_pos: int, record: int) -> Iterator[tuple]:
         """-> ("block", epoch, block, (shard_pos, record), items) ... ("end", epoch), epoch after epoch."""
         while True:
-            it = self._records(self.assignment(epoch), shard_pos, record)
+            it = self._records(self.assignment(epoch), shard_pos, record, epoch)
             while chunk := list(islice(it, self.block_size)):
                 items = [Item(self.src.index, epoch, shard, rec) for _, _, shard, rec in chunk]
                 yield "block", epoch, block, (shard_pos, record), self._permute(items, epoch, block)

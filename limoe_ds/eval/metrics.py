@@ -67,3 +67,59 @@ def topk_correct(image_emb_NK: torch.Tensor, classifier_CK: torch.Tensor, labels
     """Per image: is the true class within the top k (ties against)? Boolean [N] per k."""
     ranks = target_ranks(image_emb_NK.float() @ classifier_CK.t(), labels_N)
     return {k: ranks < k for k in ks}
+
+
+def pairwise_wins(image_emb_NK: torch.Tensor, text_emb_MK: torch.Tensor, true_N: torch.Tensor,
+                  other_N: torch.Tensor) -> torch.Tensor:
+    """Per image: does its true caption score strictly higher than the other one (ties against)?"""
+    img = image_emb_NK.float()
+    s_true = (img * text_emb_MK[true_N].float()).sum(-1)
+    s_other = (img * text_emb_MK[other_N].float()).sum(-1)
+    return s_true > s_other
+
+
+def compositional_metrics(image_emb_NK: torch.Tensor, text_emb_MK: torch.Tensor, *, classifier_CK: torch.Tensor,
+                          labels_N: torch.Tensor, heldout_classes: list[int], class_colour_C: torch.Tensor,
+                          class_shape_C: torch.Tensor, caption_N: torch.Tensor,
+                          negatives: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                          negatives_per_image_N: torch.Tensor, retrieval_N: torch.Tensor) -> dict[str, float]:
+    """The compositional evaluation's numbers, each with its chance level (``chance_...``).
+
+    ``labels_N``: class of each one-object image (-1: two objects, not classified); ``caption_N``:
+    each image's true caption (a row of ``text_emb_MK``); ``negatives``: type -> (image ids, caption
+    rows), one hard negative per listed image; ``negatives_per_image_N``: how many each image has;
+    ``retrieval_N``: the images (one per distinct caption) of the retrieval test."""
+    out: dict[str, float] = {}
+    single = labels_N >= 0
+    img1, lab1 = image_emb_NK[single].float(), labels_N[single]
+    C, n1 = classifier_CK.shape[0], int(single.sum())
+    nan = math.nan
+    if n1:
+        pred = (img1 @ classifier_CK.t()).argmax(dim=1)
+        held = torch.tensor(heldout_classes, dtype=torch.long, device=labels_N.device)
+        remap = torch.full((C,), -1, dtype=torch.long, device=labels_N.device)
+        remap[held] = torch.arange(len(held), device=labels_N.device)
+        is_held = remap[lab1] >= 0
+        among = topk_correct(img1[is_held], classifier_CK[held], remap[lab1[is_held]], ks=(1,))[1]
+        out.update({"classify/top1": topk_correct(img1, classifier_CK, lab1, ks=(1,))[1].float().mean().item(),
+                    "classify/heldout_top1": among.float().mean().item() if len(among) else nan,
+                    "classify/colour_top1": (class_colour_C[pred] == class_colour_C[lab1]).float().mean().item(),
+                    "classify/shape_top1": (class_shape_C[pred] == class_shape_C[lab1]).float().mean().item()})
+    out.update({"classify/chance_top1": 1.0 / C, "classify/chance_heldout_top1": 1.0 / len(heldout_classes),
+                "classify/chance_colour_top1": 1.0 / len(set(class_colour_C.tolist())),
+                "classify/chance_shape_top1": 1.0 / len(set(class_shape_C.tolist())), "classify/images": n1})
+    wins_all = torch.ones(image_emb_NK.shape[0], dtype=torch.bool, device=image_emb_NK.device)
+    for kind, (ids, rows) in negatives.items():
+        wins = pairwise_wins(image_emb_NK[ids], text_emb_MK, caption_N[ids], rows)
+        wins_all[ids] &= wins
+        out[f"negatives/{kind}"] = wins.float().mean().item() if len(ids) else nan
+        out[f"negatives/chance_{kind}"] = 0.5
+    has = negatives_per_image_N > 0
+    out["negatives/all"] = wins_all[has].float().mean().item() if has.any() else nan
+    out["negatives/chance_all"] = (1.0 / (negatives_per_image_N[has].double() + 1)).mean().item() if has.any() else nan
+    M = len(retrieval_N)
+    r = retrieval_metrics(image_emb_NK[retrieval_N], text_emb_MK[caption_N[retrieval_N]], ks=(1, 5))
+    out.update({f"retrieval/{k}": v for k, v in r.items()})
+    out.update({"retrieval/chance_R@1": 1.0 / M if M else nan, "retrieval/chance_R@5": min(5, M) / M if M else nan,
+                "retrieval/pairs": M})
+    return out

@@ -309,12 +309,63 @@ def caption_retrieval(model, cs, tokenizer, *, dp_rank: int, dp_size: int, batch
     return _result(results, modes)
 
 
-def evaluate(model, *, val_loader=None, zero_shot_sets=(), retrieval_sets=(), tokenizer=None, dp_rank: int = 0,
-             dp_size: int = 1, max_batches: int = 0, record: RoutingRecord | None = None) -> dict[str, float]:
+@torch.no_grad()
+def compositional(model, cs, tokenizer, *, dp_rank: int, dp_size: int, batch_size: int = 256,
+                  modes: Modes = None) -> dict:
+    """The compositional evaluation on a ``data.synthetic.CompositionalSet`` (held-out compositions,
+    drawn on the fly): zero-shot colour x shape classification of the one-object scenes, the true
+    caption against hard negatives that differ in one attribute or in the order, and retrieval among
+    the scenes (``metrics.compositional_metrics``; docs/EVALUATION.md). Ranks embed disjoint parts of
+    the images and of the texts (every distinct text once). With ``modes``, {mode: metrics}."""
+    device = _device(model)
+    images = embed_images(model, cs.iter_batches(image_size=model.cfg.image_size, batch_size=batch_size,
+                                                 dp_rank=dp_rank, dp_size=dp_size), modes=modes)
+    images = {"": images} if modes is None else images
+    prompts = cs.prompts()  # [C][T]
+    C, T = len(prompts), len(prompts[0])
+    texts = list(dict.fromkeys([p for ps in prompts for p in ps] + cs.captions
+                               + [t for negs in cs.negatives for _, t in negs]))
+    row = {t: i for i, t in enumerate(texts)}
+    N = len(cs.scenes)
+    long = functools.partial(torch.tensor, dtype=torch.long, device=device)
+    caption_N = long([row[c] for c in cs.captions])
+    kinds: dict[str, tuple[list[int], list[int]]] = {}
+    for i, negs in enumerate(cs.negatives):
+        for kind, text in negs:
+            kinds.setdefault(kind, ([], []))
+            kinds[kind][0].append(i)
+            kinds[kind][1].append(row[text])
+    negatives = {k: (long(ids), long(rows)) for k, (ids, rows) in kinds.items()}
+    first: dict[str, int] = {}
+    for i, c in enumerate(cs.captions):
+        first.setdefault(c, i)
+    colours = {c: k for k, c in enumerate(dict.fromkeys(n.split()[0] for n in cs.class_names))}
+    shapes = {s: k for k, s in enumerate(dict.fromkeys(n.split()[1] for n in cs.class_names))}
+    fixed = dict(labels_N=long([cs.label(i) for i in range(N)]), heldout_classes=cs.heldout_classes,
+                 class_colour_C=long([colours[n.split()[0]] for n in cs.class_names]),
+                 class_shape_C=long([shapes[n.split()[1]] for n in cs.class_names]), caption_N=caption_N,
+                 negatives=negatives, negatives_per_image_N=long([len(n) for n in cs.negatives]),
+                 retrieval_N=long(sorted(first.values())))
+    results = {}
+    for m, cf in _runs(modes):
+        img_NK, ids_N = images[m]
+        img_NK = img_NK[torch.argsort(ids_N)]  # scene order (gathered in rank order already)
+        txt_MK = embed_texts_split(model, tokenizer, texts, dp_rank=dp_rank, dp_size=dp_size,
+                                   batch_size=batch_size, capacity_factor=cf)
+        classifier_CK = metrics.zero_shot_classifier(txt_MK[:C * T].view(C, T, -1))
+        results[m] = {**metrics.compositional_metrics(img_NK, txt_MK, classifier_CK=classifier_CK, **fixed),
+                      "scenes": N}
+    return _result(results, modes)
+
+
+def evaluate(model, *, val_loader=None, zero_shot_sets=(), retrieval_sets=(), compositional_sets=(), tokenizer=None,
+             dp_rank: int = 0, dp_size: int = 1, max_batches: int = 0,
+             record: RoutingRecord | None = None) -> dict[str, float]:
     """All metrics, dropless and at the training capacity factor, keyed 'dropless/...' / 'train_cf/...'.
 
     ``zero_shot_sets``: ZeroShotSet / ClassFolderSet (keys .../zeroshot/NAME/...); ``retrieval_sets``:
-    CaptionSet (keys .../retrieval/NAME/...); ``record``: filled by the dropless validation pass.
+    CaptionSet (keys .../retrieval/NAME/...); ``compositional_sets``: data.synthetic.CompositionalSet
+    (keys .../compositional/NAME/...); ``record``: filled by the dropless validation pass.
     One walk over each dataset serves both modes."""
     was_training = model.training
     model.eval()
@@ -336,6 +387,10 @@ def evaluate(model, *, val_loader=None, zero_shot_sets=(), retrieval_sets=(), to
             for mode, res in caption_retrieval(model, cs, tokenizer, dp_rank=dp_rank, dp_size=dp_size,
                                                modes=modes).items():
                 out[mode].update({f"{mode}/retrieval/{cs.name}/{k}": v for k, v in res.items()})
+        for cs in compositional_sets:
+            for mode, res in compositional(model, cs, tokenizer, dp_rank=dp_rank, dp_size=dp_size,
+                                           modes=modes).items():
+                out[mode].update({f"{mode}/compositional/{cs.name}/{k}": v for k, v in res.items()})
     finally:
         model.train(was_training)
     return {k: v for mode in modes for k, v in out[mode].items()}

@@ -12,7 +12,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,6 +44,8 @@ class Evaluator:
     figures: bool = False
     figure_images: int = 4
     """Validation images in the patch->expert overlays."""
+    compositional_sets: list = field(default_factory=list)
+    """data.synthetic.CompositionalSet per eval.compositional entry (drawn once, kept for every evaluation)."""
 
     def __call__(self, model) -> tuple[dict[str, float], dict]:
         """-> (scalars, {tag: Pillow image}); the images only on rank 0, the routing counts behind them
@@ -53,7 +55,8 @@ class Evaluator:
         if self.figures and self.val_loader is not None:
             record = RoutingRecord(sample_images=self.figure_images if is_main() else 0)
         scalars = evaluate(model, val_loader=self.val_loader, zero_shot_sets=self.zero_shot_sets,
-                           tokenizer=self.tokenizer, dp_rank=self.layout.dp_rank, dp_size=self.layout.dp,
+                           compositional_sets=self.compositional_sets, tokenizer=self.tokenizer,
+                           dp_rank=self.layout.dp_rank, dp_size=self.layout.dp,
                            max_batches=self.max_batches, record=record)
         if record is None or not is_main():
             return scalars, {}
@@ -125,11 +128,14 @@ class Trainer:
         return build_eval_loader(cfg.data, batch_size=cfg.eval.batch_size, **common)
 
     def _evaluator(self) -> Evaluator:
+        from limoe_ds.data.synthetic import compositional_set
         from limoe_ds.data.zeroshot import load_zeroshot_set
         cfg = self.cfg
         val_loader = self._loader(train=False) if cfg.data.val is not None else None
         return Evaluator(val_loader, [load_zeroshot_set(z) for z in cfg.eval.zero_shot], self.tokenizer, self.layout,
-                         cfg.eval.max_batches, figures=cfg.logging.tensorboard and cfg.model.moe is not None)
+                         cfg.eval.max_batches, figures=cfg.logging.tensorboard and cfg.model.moe is not None,
+                         compositional_sets=[compositional_set(c, cfg.eval.compositional_scenes)
+                                             for c in cfg.eval.compositional])
 
     # -- checkpoints --------------------------------------------------------------------------------
     def resume(self, resume: str) -> dict | None:
