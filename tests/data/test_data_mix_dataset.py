@@ -17,7 +17,7 @@ import re
 import tarfile
 from pathlib import Path
 
-from limoe_ds.data import Tokenizer
+from limoe_ds.data import Tokenizer, synthetic
 from limoe_ds.data.zeroshot import load_zeroshot_set
 
 ROOT = Path(os.environ.get("LIMOE_MIX_DATA", Path(__file__).resolve().parents[2] / "data" / "mix"))
@@ -127,7 +127,8 @@ def test_zero_shot_images_are_not_training_or_validation_images():
 def test_val_is_drawn_from_the_training_distribution():
     m = manifest()
     by_source = m["val"]["by_source"]
-    assert set(by_source) == SOURCES
+    assert set(by_source) == SOURCES | {"synthetic"}, "the main job trains on the procedural source too"
+    assert by_source["synthetic"] == sum(meta["source"] == "synthetic" for _, meta, _ in val_samples()) >= 500
     for src in SOURCES:  # the same share of every source (--val-fraction), within rounding
         share = by_source[src] / (by_source[src] + m["sources"][src]["train_pairs"])
         assert abs(share - 0.015) < 0.002, (src, share)
@@ -146,3 +147,14 @@ def test_captions_are_phrases_not_identifiers_and_fit_the_text_length():
     assert sum(n <= 16 for n in lengths) / len(lengths) >= 0.9, "the tiny preset reads 16 tokens"
     multiword = sum(" " in c for c in captions) / len(captions)
     assert multiword >= 0.9
+
+
+def test_no_real_caption_binds_a_heldout_composition_of_the_procedural_source():
+    """'green heart' (an emoji), 'a blue icon of circle': a colour naming a shape within three words."""
+    pairs = synthetic.HELDOUT_COLOUR_SHAPE
+    alts = [rf"{c}(?:\s+[^\s,;:]+){{0,3}}?\s+{sh}(?:s|es)?" for c, sh in pairs]
+    pattern = re.compile(r"(?<![a-z])(?:" + "|".join(alts) + r")(?![a-z])", re.IGNORECASE)
+    leaks = [meta["caption"] for _, meta, _ in train_samples() + val_samples()
+             if meta["source"] != "synthetic" and pattern.search(meta["caption"])]
+    assert not leaks, f"{len(leaks)} real captions bind a held-out colour x shape pair, e.g. {leaks[:3]}"
+    assert pattern.search("an emoji of green hearts") and not pattern.search("green, heart")
