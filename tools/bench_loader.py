@@ -34,7 +34,7 @@ def data_config(data: str, config: str | None, workers: int) -> tuple[DataConfig
         return (DataConfig(train=[os.path.join(data, "train", "*.tar")], num_workers=workers, shuffle_buffer=1000),
                 Tokenizer.from_file(os.path.join(data, "tokenizer.json")))
     from limoe_ds.config import run as run_config
-    cfg = run_config.load(config, [f"data.num_workers={workers}"], world_size=1)
+    cfg = run_config.load(config, [f"data.num_workers={workers}", "parallel.expert_parallel_size=1"], world_size=1)
     return cfg.data, Tokenizer.from_file(cfg.tokenizer)
 
 
