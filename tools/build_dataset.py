@@ -530,20 +530,19 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(pairs: list[dict], out_dir: str, prefix: str, per_shard: int) -> list[int]:
-    """Pairs in order, ``per_shard`` to a tar (the last may hold fewer); -> samples per shard."""
+def write_shards(pairs: list[dict], out_dir: str, prefix: str, sizes: list[int]) -> list[int]:
+    """Pairs in order into ``prefix-NNN.tar``, ``sizes[s]`` of them to shard s; -> ``sizes``."""
     os.makedirs(out_dir, exist_ok=True)
-    counts = []
-    for s, lo in enumerate(range(0, len(pairs), per_shard)):
+    bounds = np.cumsum([0, *sizes])
+    for s in range(len(sizes)):
         with tarfile.open(os.path.join(out_dir, f"{prefix}-{s:03d}.tar"), "w", format=tarfile.USTAR_FORMAT) as tar:
-            for p in pairs[lo:lo + per_shard]:
+            for p in pairs[bounds[s]:bounds[s + 1]]:
                 meta = {"caption": p["caption"], "source": p["source"], "origin": p["origin"], "licence": p["licence"]}
                 if "label" in p:
                     meta["label"] = int(p["label"])
                 _add(tar, f"{p['key']}.png", p["png"])
                 _add(tar, f"{p['key']}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode())
-        counts.append(len(pairs[lo:lo + per_shard]))
-    return counts
+    return list(sizes)
 
 
 def heldout_class(c: dict) -> str | None:
@@ -709,19 +708,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, p in enumerate(items):
             p["key"] = f"{source}-{i:07d}"
         rr = [p for s in range(n) for p in items[s::n]]  # round robin: shard s holds items s, s + n, ...
-        sizes = [len(items[s::n]) for s in range(n)]
-        bounds = np.cumsum([0] + sizes)
+        sizes = write_shards(rr, os.path.join(out, "train", source), source, [len(items[s::n]) for s in range(n)])
         sub = os.path.join(out, "train", source)
-        os.makedirs(sub, exist_ok=True)
-        for s in range(n):
-            with tarfile.open(os.path.join(sub, f"{source}-{s:03d}.tar"), "w", format=tarfile.USTAR_FORMAT) as tar:
-                for p in rr[bounds[s]:bounds[s + 1]]:
-                    meta = {"caption": p["caption"], "source": p["source"], "origin": p["origin"],
-                            "licence": p["licence"]}
-                    if "label" in p:
-                        meta["label"] = int(p["label"])
-                    _add(tar, f"{p['key']}.png", p["png"])
-                    _add(tar, f"{p['key']}.json", json.dumps(meta, ensure_ascii=False, sort_keys=True).encode())
         index = {"shards": [f"{source}-{s:03d}.tar" for s in range(n)], "num_samples": len(items),
                  "shard_samples": sizes}
         with open(os.path.join(sub, "manifest.json"), "w", encoding="utf-8") as f:  # the reader's shard index
@@ -729,7 +717,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest[f"train/{source}"] = {**index, "shards": [f"train/{source}/{n}" for n in index["shards"]]}
     for i, p in enumerate(val):
         p["key"] = f"val-{i:06d}"
-    val_sizes = write_shards(val, os.path.join(out, "val"), "val", -(-len(val) // 2))
+    half = -(-len(val) // 2)
+    val_sizes = write_shards(val, os.path.join(out, "val"), "val", [half, len(val) - half] if val else [])
     val_shards = [f"val/val-{s:03d}.tar" for s in range(len(val_sizes))]
     val_sizes.append(synthetic.write_shard(os.path.join(out, "val", "val-synthetic.tar"), split="val", start=0,
                                            count=SYNTHETIC_VAL, seed=args.seed, image_size=args.max_side))
