@@ -1,4 +1,5 @@
-"""The contrastive image-text loss (symmetric softmax InfoNCE, CLIP/open_clip).
+"""The contrastive image-text losses: the symmetric softmax InfoNCE (CLIP/open_clip) and the pairwise
+sigmoid loss (SigLIP), each over the global data-parallel batch with exact gradients.
 
 Legend: B batch, K embedding width.
 """
@@ -65,3 +66,134 @@ def gathered_contrastive_loss(image_emb_BK: torch.Tensor, text_emb_BK: torch.Ten
     loss_img = F.cross_entropy(scale * image_emb_BK.float() @ all_txt.t(), labels_B)
     loss_txt = F.cross_entropy(scale * text_emb_BK.float() @ all_img.t(), labels_B)
     return (loss_img + loss_txt) / 2
+
+
+# ---- the sigmoid loss (SigLIP) ---------------------------------------------------------------------------
+SIGMOID_IMPLS = ("all_gather", "ring")
+
+
+def _sigmoid_terms(logits_BC: torch.Tensor, diagonal: bool) -> torch.Tensor:
+    """sum_ij -log sigmoid(z_ij * l_ij), z = +1 on the matching pairs (the diagonal when the
+    captions are this rank's own), -1 elsewhere."""
+    signs = -torch.ones_like(logits_BC)
+    if diagonal:
+        signs.diagonal().fill_(1.0)
+    return -F.logsigmoid(signs * logits_BC).sum()
+
+
+def sigmoid_loss(image_emb_BK: torch.Tensor, text_emb_BK: torch.Tensor, logit_scale: torch.Tensor,
+                 logit_bias: torch.Tensor) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss: -1/B sum_i sum_j log sigmoid(z_ij (exp(t) x_i.y_j + b)),
+    z_ij = 1 when pair i is pair j, else -1 (Zhai et al. 2023, big_vision ``sigmoid_loss``).
+
+    Every image-caption pair is an independent binary problem: no normalisation over the batch,
+    so a rank needs no other rank's logits. Computed in float32 whatever the embeddings' dtype.
+    """
+    logits_BB = logit_scale.float() * image_emb_BK.float() @ text_emb_BK.float().t() + logit_bias.float()
+    return _sigmoid_terms(logits_BB, diagonal=True) / image_emb_BK.shape[0]
+
+
+def _exchange(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """Send each tensor to the next rank of ``group`` and receive the same shapes from the
+    previous one, all in one batch of point-to-point ops."""
+    import torch.distributed as dist
+    group = group if group is not None else dist.group.WORLD
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    dst = dist.get_global_rank(group, (rank + 1) % world)
+    src = dist.get_global_rank(group, (rank - 1) % world)
+    received = [torch.empty_like(t) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), dst, group) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, r, src, group) for r in received]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    return received
+
+
+class _SigmoidRing(torch.autograd.Function):
+    """The sigmoid loss with the captions travelling around the data-parallel ranks.
+
+    Forward: each rank scores its B images against its own captions, passes the caption chunk to
+    the next rank and receives the previous one's, W times in all; it keeps no logits. Backward:
+    the same walk recomputes each chunk's B x B logits, accumulates the images' gradient here and
+    carries each chunk's gradient along with the chunk, so that one last hop returns every
+    caption's summed gradient to its owner (what the all-gather's backward all-reduce gives).
+    Memory per rank: the B x K embeddings and one B x B block, instead of B x W*B logits and the
+    W*B x K gathered captions.
+    """
+
+    @staticmethod
+    def forward(ctx, img_BK, txt_BK, scale, bias, group):
+        import torch.distributed as dist
+        world = dist.get_world_size(group)
+        ctx.group, ctx.world = group, world
+        ctx.save_for_backward(img_BK, txt_BK, scale, bias)
+        total, chunk = img_BK.new_zeros(()), txt_BK
+        for hop in range(world):
+            total = total + _sigmoid_terms(scale * img_BK @ chunk.t() + bias, diagonal=hop == 0)
+            if hop < world - 1:
+                (chunk,) = _exchange([chunk], group)
+        return total / img_BK.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        img_BK, txt_BK, scale, bias = ctx.saved_tensors
+        g = grad / img_BK.shape[0]
+        d_img, d_scale, d_bias = torch.zeros_like(img_BK), torch.zeros_like(scale), torch.zeros_like(bias)
+        chunk, d_chunk = txt_BK, torch.zeros_like(txt_BK)
+        for hop in range(ctx.world):
+            sims_BB = img_BK @ chunk.t()
+            signs = -torch.ones_like(sims_BB)
+            if hop == 0:
+                signs.diagonal().fill_(1.0)
+            # d/dl of -log sigmoid(z l) = -z sigmoid(-z l)
+            d_logits = -signs * torch.sigmoid(-signs * (scale * sims_BB + bias)) * g
+            d_bias += d_logits.sum()
+            d_scale += (d_logits * sims_BB).sum()
+            d_img += scale * d_logits @ chunk
+            d_chunk = d_chunk + scale * d_logits.t() @ img_BK
+            if hop < ctx.world - 1:
+                chunk, d_chunk = _exchange([chunk, d_chunk], ctx.group)
+        if ctx.world > 1:  # the chunk held now is the next rank's: its gradient goes home
+            (d_chunk,) = _exchange([d_chunk], ctx.group)
+        return d_img, d_chunk, d_scale, d_bias, None
+
+
+def gathered_sigmoid_loss(image_emb_BK: torch.Tensor, text_emb_BK: torch.Tensor, logit_scale: torch.Tensor,
+                          logit_bias: torch.Tensor, group=None, impl: str = "all_gather") -> torch.Tensor:
+    """The sigmoid loss over the GLOBAL data-parallel batch: each rank's images against every
+    rank's captions, normalised by the local batch, so that the data-parallel average of the
+    ranks' losses (and of their gradients) is the single-process loss on the concatenated batch
+    (tests/test_losses.py). ``impl``: ``all_gather`` (gather the captions with their gradient;
+    B x W*B logits per rank) or ``ring`` (the captions travel rank to rank; B x B at a time;
+    _SigmoidRing). Both are exact; docs/PERFORMANCE.md measures them side by side.
+    """
+    import torch.distributed as dist
+
+    if impl not in SIGMOID_IMPLS:
+        raise ValueError(f"train.loss_impl: {impl!r} is not one of {SIGMOID_IMPLS}")
+    scale, bias = logit_scale.float().reshape(()), logit_bias.float().reshape(())
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return sigmoid_loss(image_emb_BK, text_emb_BK, scale, bias)
+    img, txt = image_emb_BK.float(), text_emb_BK.float()
+    if impl == "ring":
+        return _SigmoidRing.apply(img, txt, scale, bias, group)
+    all_txt = _GatherWithGrad.apply(txt, group)
+    B, rank = img.shape[0], dist.get_rank(group)
+    logits_BN = scale * img @ all_txt.t() + bias
+    signs = -torch.ones_like(logits_BN)
+    signs[:, rank * B:(rank + 1) * B].diagonal().fill_(1.0)
+    return -F.logsigmoid(signs * logits_BN).sum() / B
+
+
+# ---- the loss a model trains with ------------------------------------------------------------------------
+def pair_loss(out, group=None, impl: str = "all_gather") -> torch.Tensor:
+    """The contrastive loss of a model output over the data-parallel batch: the sigmoid loss when
+    the model has a learned bias (``model.logit_bias_init``, set by ``train.loss=sigmoid``), the
+    softmax loss otherwise. ``group=False``: this rank's batch alone (evaluation's in-batch loss)."""
+    if getattr(out, "logit_bias", None) is not None:
+        if group is False:
+            return sigmoid_loss(out.image_emb, out.text_emb, out.logit_scale, out.logit_bias)
+        return gathered_sigmoid_loss(out.image_emb, out.text_emb, out.logit_scale, out.logit_bias, group, impl)
+    if group is False:
+        return contrastive_loss(out.image_emb, out.text_emb, out.logit_scale)
+    return gathered_contrastive_loss(out.image_emb, out.text_emb, out.logit_scale, group=group)

@@ -6,6 +6,8 @@
     txt_emb = m.encode_text(m.tokenize(["a photo of a cat"]))            # [B, K]
     clf = m.zero_shot_classifier(["cat", "dog"], ["a photo of a {}."])   # [C, K]
     probs = (img_emb @ clf.T * m.logit_scale).softmax(-1)
+    # a model trained with the sigmoid loss (train.loss=sigmoid) scores each pair on its own:
+    match = torch.sigmoid(img_emb @ txt_emb.T * m.logit_scale + m.logit_bias)
 
 No process group, no engine: the MoE layers route dropless (every token reaches its expert,
 whatever the batch), so an embedding does not depend on what else is in the batch. The exported
@@ -44,6 +46,12 @@ class Pretrained:
     def logit_scale(self) -> float:
         """exp(t), the learned inverse temperature."""
         return float(self.model.logit_scale.detach().exp())
+
+    @property
+    def logit_bias(self) -> float | None:
+        """b of the sigmoid loss (a model trained with ``train.loss=sigmoid``); None for the softmax loss."""
+        bias = self.model.logit_bias
+        return None if bias is None else float(bias.detach())
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Captions -> token ids [B, text_len] (the training tokenizer: lower-cased BPE, EOS, pad 0)."""

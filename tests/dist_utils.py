@@ -54,3 +54,17 @@ def run_ranks(fn, world: int, *args, timeout: float = 600) -> list:
                 raise RuntimeError(f"rank {r} failed:\n{res['error']}")
             results.append(res["ok"])
         return results
+
+
+def data_parallel_average(loss: torch.Tensor, params: list) -> dict:
+    """{"loss", "grads"}: the loss and the parameters' gradients averaged over the ranks, as
+    DeepSpeed's data-parallel all-reduce leaves them (call after ``loss.backward()``)."""
+    import torch.distributed as dist
+    world = dist.get_world_size()
+    grads = [p.grad.clone() for p in params]
+    for g in grads:
+        dist.all_reduce(g)
+        g /= world
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    return {"loss": (mean_loss / world).item(), "grads": grads}

@@ -25,7 +25,7 @@ import re
 import pytest
 import torch
 
-from dist_utils import run_ranks
+from dist_utils import data_parallel_average, run_ranks
 
 pytestmark = pytest.mark.integration  # every test runs gloo ranks (run_ranks)
 
@@ -43,7 +43,6 @@ def _features(seed: int, n: int):
 
 
 def _contrastive_worker(rank, world):
-    import torch.distributed as dist
     import torch.nn.functional as F
     from limoe_ds.losses import gathered_contrastive_loss
     torch.manual_seed(0)
@@ -54,14 +53,7 @@ def _contrastive_worker(rank, world):
     loss = gathered_contrastive_loss(F.normalize(w_img(x_img[sl]), dim=-1), F.normalize(w_txt(x_txt[sl]), dim=-1),
                                      scale)
     loss.backward()
-    params = [w_img.weight, w_img.bias, w_txt.weight, scale]
-    grads = [p.grad.clone() for p in params]
-    for g in grads:  # the data-parallel average DeepSpeed applies
-        dist.all_reduce(g)
-        g /= world
-    mean_loss = loss.detach().clone()
-    dist.all_reduce(mean_loss)
-    return {"loss": (mean_loss / world).item(), "grads": grads}
+    return data_parallel_average(loss, [w_img.weight, w_img.bias, w_txt.weight, scale])
 
 
 def test_gathered_contrastive_equals_single_process_on_concatenated_batch():

@@ -219,7 +219,7 @@ def test_non_finite_losses_skip_steps_then_stop(smoke_run, tmp_path, monkeypatch
     from limoe_ds.train.trainer import train
     calls = []
 
-    def nan_step(engine, batch):
+    def nan_step(engine, batch, **kw):
         calls.append(1)
         return eng.StepResult(True, float("nan"), float("nan"), {}, {})
     monkeypatch.setattr(eng, "train_step", nan_step)

@@ -117,6 +117,9 @@ class ModelConfig:
     """exp(t) at initialisation (big_vision one-tower)."""
     temperature_max: float = 100.0
     """exp(t) is clamped to this after each optimizer step (open_clip)."""
+    logit_bias_init: float | None = None
+    """b at initialisation for the sigmoid loss (SigLIP: -10); set by ``train.loss=sigmoid``.
+    None = no bias parameter (the softmax loss)."""
     init_std: float = 0.02
     moe: MoEConfig | None = None
 

@@ -49,6 +49,11 @@ class ParallelConfig:
                "parallel.world_size", f"must be null or >= 1, got {self.world_size!r}")
 
 
+LOSSES = ("softmax", "sigmoid")
+LOSS_IMPLS = ("all_gather", "ring")
+SIGMOID_BIAS_INIT = -10.0  # SigLIP's b at initialisation (big_vision, vmoe's contrastive project)
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     steps: int
@@ -66,6 +71,12 @@ class TrainConfig:
     """A non-finite loss skips the step; this many in a row stops the run."""
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass (same router noise: RNG state is replayed)."""
+    loss: str = "softmax"
+    """The contrastive loss: 'softmax' (CLIP's symmetric InfoNCE, LIMoE's) or 'sigmoid' (SigLIP's
+    pairwise loss with a learned bias, ``model.logit_bias_init``, -10 unless given)."""
+    loss_impl: str = "all_gather"
+    """How the sigmoid loss reaches the other ranks' captions: 'all_gather' (B x W*B logits per
+    rank) or 'ring' (the captions travel rank to rank, B x B at a time). Both exact."""
     watchdog_seconds: float = 600.0
     """A rank with no progress for this long (a hung data read, a stuck collective) ends the run
     with one error line naming its rank, step and wait (exit status 70); building the run, loading
@@ -78,6 +89,12 @@ class TrainConfig:
             _check(v >= 0, f"train.{k}", f"must be >= 0, got {v!r}")
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.loss in LOSSES, "train.loss", f"must be one of {list(LOSSES)}, got {self.loss!r}")
+        _check(self.loss_impl in LOSS_IMPLS, "train.loss_impl",
+               f"must be one of {list(LOSS_IMPLS)}, got {self.loss_impl!r}")
+        _check(self.loss_impl == "all_gather" or self.loss == "sigmoid", "train.loss_impl",
+               f"{self.loss_impl!r} is a form of the sigmoid loss (train.loss=sigmoid); the softmax loss "
+               f"normalises over all captions and uses 'all_gather'")
         _check(self.watchdog_seconds >= 0, "train.watchdog_seconds",
                f"must be a number of seconds >= 0 (0 = off), got {self.watchdog_seconds!r}")
 
@@ -284,6 +301,7 @@ def resolve(raw: dict[str, Any], *, world_size: int, check_paths: bool = True) -
         sections[f.name] = (model_config(block["model"]) if f.name == "model" else
                             typed.convert(annotations[f.name], block[f.name], f.name))
     cfg = RunConfig(**sections, deepspeed=raw)
+    _check_loss(cfg)
     ds_keys.check(raw)
     train, parallel = cfg.train, cfg.parallel
     _check_layout(cfg, world_size)
@@ -294,6 +312,17 @@ def resolve(raw: dict[str, Any], *, world_size: int, check_paths: bool = True) -
     if check_paths:
         _check_paths(cfg)
     return cfg
+
+
+def _check_loss(cfg: RunConfig) -> None:
+    """The sigmoid loss trains a bias (model.logit_bias_init, SigLIP's -10 unless given); the softmax
+    loss has none, so a bias given with it is a mistake, not a parameter to carry silently."""
+    if cfg.train.loss == "sigmoid":
+        if cfg.model.logit_bias_init is None:
+            cfg.model.logit_bias_init = SIGMOID_BIAS_INIT
+        return
+    _check(cfg.model.logit_bias_init is None, "model.logit_bias_init",
+           f"is the sigmoid loss's bias, but train.loss is {cfg.train.loss!r}; set train.loss=sigmoid or drop it")
 
 
 def _check_layout(cfg: RunConfig, world_size: int) -> None:

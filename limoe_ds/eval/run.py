@@ -26,7 +26,7 @@ from limoe_ds.moe.layer import CONFIGURED
 from limoe_ds.parallel import collectives
 from limoe_ds.parallel.collectives import any_rank
 from limoe_ds.eval import metrics
-from limoe_ds.losses import contrastive_loss
+from limoe_ds.losses import pair_loss
 from limoe_ds.moe import stats
 
 
@@ -149,7 +149,7 @@ def embed_pairs(model, loader, *, max_batches: int = 0, record: RoutingRecord | 
                     B = out.image_emb.shape[0]
                     imgs[m].append(out.image_emb.float())
                     txts[m].append(out.text_emb.float())
-                    loss = contrastive_loss(out.image_emb, out.text_emb, out.logit_scale).item()
+                    loss = pair_loss(out, group=False).item()  # in-batch: softmax or sigmoid, the model's
                     loss_sum[m] += torch.tensor([loss * B, B], dtype=torch.float64, device=device)
     if record is not None:
         record.totals = stats.sum_over_ranks(record.totals, _group())

@@ -39,6 +39,8 @@ class LIMoEOutput:
     """Weighted auxiliary losses, e.g. 'moe/layer3/text/global_entropy'; the step sums them."""
     routing: list[RoutingStats]
     """Each MoE layer's routing counts and capacity, in block order."""
+    logit_bias: torch.Tensor | None = None
+    """b of the sigmoid loss (a scalar with grad); None for a model trained with the softmax loss."""
 
 
 class Attention(nn.Module):
@@ -138,6 +140,8 @@ class LIMoEModel(nn.Module):
         self.text_head = nn.Linear(D, cfg.embed_dim)
         # t, with exp(t) the inverse temperature; shape [1], not [] (DeepSpeed cannot broadcast 0-dim params)
         self.logit_scale = nn.Parameter(torch.empty(1))
+        # b, the sigmoid loss's learned bias (train.loss=sigmoid); a softmax model has none
+        self.logit_bias = nn.Parameter(torch.empty(1)) if cfg.logit_bias_init is not None else None
         self.activation_checkpointing = False
         """Recompute each block in the backward pass; torch replays the RNG state, so the router
         noise (and hence the routing) of the recomputation equals the original forward's."""
@@ -195,7 +199,8 @@ class LIMoEModel(nn.Module):
         img_valid_BI = torch.ones(img_BID.shape[:2], dtype=torch.bool, device=img_BID.device)
         image_emb = F.normalize(self.image_head(self._pool(img_BID, img_valid_BI, "image")), dim=-1)
         text_emb = F.normalize(self.text_head(self._pool(txt_BTD, txt_valid_BT, "text")), dim=-1)
-        return LIMoEOutput(image_emb, text_emb, self.logit_scale[0].exp(), aux, stats)
+        bias = self.logit_bias[0] if self.logit_bias is not None else None
+        return LIMoEOutput(image_emb, text_emb, self.logit_scale[0].exp(), aux, stats, bias)
 
     def encode_image(self, images_BCHW: torch.Tensor, capacity_factor=CONFIGURED) -> torch.Tensor:
         """L2-normalised image embeddings [B, K]."""
@@ -232,6 +237,8 @@ def init_weights(model: LIMoEModel, seed: int) -> None:
             gen = torch.Generator(device=p.device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
             if p is model.logit_scale:
                 p.fill_(math.log(cfg.temperature_init))
+            elif p is model.logit_bias:
+                p.fill_(cfg.logit_bias_init)
             elif isinstance(mod, nn.LayerNorm):
                 p.fill_(1.0 if p_name == "weight" else 0.0)
             elif p_name.endswith("bias"):

@@ -18,7 +18,7 @@ from torch import nn
 
 from limoe_ds import parallel
 from limoe_ds.compat import deepspeed as compat
-from limoe_ds.losses import gathered_contrastive_loss
+from limoe_ds.losses import pair_loss
 from limoe_ds.model.limoe import LIMoEModel, MAPHead
 from limoe_ds.moe.stats import RoutingStats
 from limoe_ds.parallel.collectives import all_finite
@@ -48,7 +48,7 @@ def init_distributed() -> None:
         compat.unlink_shm_buffers()
 
 
-NO_DECAY_PARAMS = ("logit_scale", "token_embed.weight", "image_pos", "text_pos")
+NO_DECAY_PARAMS = ("logit_scale", "logit_bias", "token_embed.weight", "image_pos", "text_pos")
 
 
 def weight_decay_split(model: LIMoEModel) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -97,12 +97,14 @@ class StepResult:
     routing: list[RoutingStats]
 
 
-def train_step(engine, batch: dict[str, torch.Tensor]) -> StepResult:
-    """One optimizer step. A non-finite loss on any rank skips the step on every rank."""
+def train_step(engine, batch: dict[str, torch.Tensor], loss_impl: str = "all_gather") -> StepResult:
+    """One optimizer step. A non-finite loss on any rank skips the step on every rank.
+
+    The contrastive loss is the model's (limoe_ds.losses.pair_loss: sigmoid when it has a bias);
+    ``loss_impl`` says how the sigmoid loss reaches the other ranks' captions."""
     device = engine.device
     out = engine(batch["images"].to(device), batch["tokens"].to(device))
-    contrastive = gathered_contrastive_loss(out.image_emb, out.text_emb, out.logit_scale,
-                                            group=parallel.data_parallel_group())
+    contrastive = pair_loss(out, parallel.data_parallel_group(), loss_impl)
     loss = contrastive + sum(out.aux_losses.values())
     if not all_finite(loss.detach()):
         return StepResult(True, float("nan"), float("nan"), {}, out.routing)

@@ -1,7 +1,8 @@
 """What a run reports: rank 0's output, TensorBoard + metrics.jsonl, and every metric name.
 
 Metric names are made here and nowhere else: ``loss/total``, ``loss/contrastive``, ``aux/<aux key>``
-(``moe.stats.aux_key``), ``routing/layerL/<modality>/<quantity>``, ``train/...``, ``data/skipped/<reason>``,
+(``moe.stats.aux_key``), ``routing/layerL/<modality>/<quantity>``, ``train/...`` (``train/logit_bias``
+with the sigmoid loss), ``data/skipped/<reason>``,
 ``memory/max_allocated_gib``; evaluation keys are ``<mode>/...`` (``limoe_ds.eval.run.evaluate``).
 """
 

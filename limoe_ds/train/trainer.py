@@ -234,7 +234,7 @@ class Trainer:
 
     def train_step(self, batch) -> bool:
         """One optimizer step; False when a non-finite loss skipped it (on every rank)."""
-        r = ds_engine.train_step(self.engine, batch)
+        r = ds_engine.train_step(self.engine, batch, loss_impl=self.cfg.train.loss_impl)
         if r.skipped:
             self.nonfinite += 1
             self.skipped_steps += 1
@@ -284,6 +284,8 @@ class Trainer:
             "train/skipped_steps": self.skipped_steps,
             **{f"data/skipped/{k}": v for k, v in self._data_skips().items()},
         })
+        if engine.module.logit_bias is not None:  # the sigmoid loss's learned bias
+            scalars["train/logit_bias"] = engine.module.logit_bias.item()
         if torch.cuda.is_available():  # rank 0's peak, to compare with tools/model_summary.py --layout
             scalars["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         self.metrics.write(self.step, scalars)

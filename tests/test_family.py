@@ -1,0 +1,148 @@
+"""The contrastive family through the real entry point (issue 15): each member a configuration of
+the same code path, trained on 2 CPU ranks, resumed exactly, exported, loaded and evaluated.
+
+So far: the sigmoid loss (SigLIP, ``train.loss=sigmoid``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from limoe_ds.checkpoint import io as checkpoint
+from limoe_ds.config import run as run_config
+from limoe_ds.config.errors import ConfigError
+from test_train import ROOT, _launch, _losses, _tiny_raw
+
+
+# ---- configuration -----------------------------------------------------------------------------------
+def _resolve(*sets: str, world: int = 2):
+    return run_config.resolve(run_config.apply_overrides(_tiny_raw(), list(sets)), world_size=world)
+
+
+def test_sigmoid_loss_config_gives_the_model_its_bias():
+    assert _resolve().model.logit_bias_init is None  # the softmax loss: no bias parameter
+    cfg = _resolve("train.loss=sigmoid")
+    assert cfg.model.logit_bias_init == -10.0 and cfg.model.temperature_init == 10.0  # SigLIP's init
+    assert _resolve("train.loss=sigmoid", "model.logit_bias_init=-5").model.logit_bias_init == -5.0
+    assert _resolve("train.loss=sigmoid", "train.loss_impl=ring").train.loss_impl == "ring"
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["train.loss=focal"], "train.loss: must be one of ['softmax', 'sigmoid'], got 'focal'"),
+    (["train.loss=sigmoid", "train.loss_impl=chunks"], "train.loss_impl: must be one of ['all_gather', 'ring']"),
+    (["train.loss_impl=ring"], "train.loss_impl: 'ring' is a form of the sigmoid loss"),
+    (["model.logit_bias_init=-10"], "model.logit_bias_init: is the sigmoid loss's bias"),
+])
+def test_sigmoid_loss_config_errors_name_the_key(sets, message):
+    with pytest.raises(ConfigError) as e:
+        _resolve(*sets)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sigmoid_model_has_an_undecayed_bias_initialised_from_the_config():
+    from limoe_ds.model import build_model
+    from limoe_ds.train.engine import weight_decay_split
+    cfg = _resolve("train.loss=sigmoid").model
+    model = build_model(cfg)
+    assert model.logit_bias.item() == -10.0 and model.logit_scale.exp().item() == pytest.approx(10.0)
+    _, no_decay = weight_decay_split(model)
+    assert any(p is model.logit_bias for p in no_decay)
+    softmax = build_model(_resolve().model)
+    assert softmax.logit_bias is None and "logit_bias" not in softmax.state_dict()
+    # the bias adds one parameter and changes no other initial weight
+    state = softmax.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items() if k != "logit_bias")
+
+
+def test_resume_refuses_to_switch_the_loss(tmp_path):
+    from limoe_ds.checkpoint.resume_check import compare
+    saved = json.loads(json.dumps(_resolve().to_dict()))
+    new = json.loads(json.dumps(_resolve("train.loss=sigmoid").to_dict()))
+    with pytest.raises(ConfigError, match="model.logit_bias_init is null in .* but -10.0 now"):
+        compare(saved, new, tmp_path)
+    ring = json.loads(json.dumps(_resolve("train.loss=sigmoid", "train.loss_impl=ring").to_dict()))
+    assert compare(new, ring, tmp_path) == ["resume: train.loss_impl changed 'all_gather' -> 'ring'"]
+
+
+# ---- the real entry point --------------------------------------------------------------------------------
+@pytest.mark.integration  # the deepspeed launcher (_launch)
+def test_sigmoid_run_trains_resumes_exports_and_evaluates(tmp_path):
+    """2 ranks, expert parallelism 2, the ring form: the bias learns, a resume from step 4
+    continues bitwise, the export holds the bias and loads, tools/evaluate.py reproduces the run's
+    final held-out sigmoid loss."""
+    steps, sig = 8, ["train.loss=sigmoid", "train.loss_impl=ring"]
+    full = _launch(tmp_path / "full", steps, sig)
+    out, _ = full.communicate(timeout=600)
+    assert full.returncode == 0, out[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    bias = [r["train/logit_bias"] for r in rows if "train/logit_bias" in r]
+    assert len(bias) == steps and bias[-1] != -10.0
+    ckpt4 = tmp_path / "full" / "checkpoints" / "step00000004"
+    resumed = _launch(tmp_path / "resumed", steps, [*sig, "--resume", str(ckpt4)])
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert sorted(b) == list(range(5, steps + 1)) and [a[s] for s in b] == [b[s] for s in b]
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import convert_checkpoint as convert_tool
+    import evaluate as evaluate_tool
+    from limoe_ds import load_pretrained
+    ckpt8 = tmp_path / "full" / "checkpoints" / f"step{steps:08d}"
+    assert convert_tool.main(["export", str(ckpt8), str(tmp_path / "export")]) == 0
+    loaded = load_pretrained(tmp_path / "export")
+    assert loaded.model.cfg.logit_bias_init == -10.0 and loaded.logit_bias == pytest.approx(bias[-1], abs=1e-6)
+    exported = loaded.model.state_dict()
+    assert exported["logit_bias"].item() == pytest.approx(bias[-1], abs=1e-6)
+    for name, value in checkpoint.consolidated_model_state(ckpt8).items():
+        assert torch.equal(exported[name], value), name
+    final = [r for r in rows if "dropless/zeroshot/fashion_mnist/top1" in r][-1]
+    report_path = tmp_path / "report.json"
+    assert evaluate_tool.main(["--checkpoint", str(ckpt8), "--out", str(report_path)]) == 0
+    got = json.loads(report_path.read_text())["metrics"]
+    # one rank with every expert gives the two expert-parallel ranks' zero-shot numbers; the held-out
+    # loss is in-batch, and one rank's batches are not the two ranks' (test below: it is the sigmoid loss)
+    for k in [k for k in got if k.startswith("dropless/zeroshot/")]:
+        assert got[k] == pytest.approx(final[k], abs=1e-9), k
+    assert got["dropless/val/contrastive"] > 0
+
+
+def test_held_out_loss_of_a_sigmoid_model_is_the_sigmoid_loss():
+    from limoe_ds.eval.run import embed_pairs
+    from limoe_ds.losses import contrastive_loss, sigmoid_loss
+    from limoe_ds.model import build_model
+    gen = torch.Generator().manual_seed(0)
+    batch = {"images": torch.rand(6, 3, 32, 32, generator=gen) * 2 - 1,
+             "tokens": torch.randint(1, 100, (6, 16), generator=gen)}
+    for sets, loss_fn in ((["train.loss=sigmoid"], lambda o: sigmoid_loss(o.image_emb, o.text_emb, o.logit_scale,
+                                                                           o.logit_bias)),
+                          ([], lambda o: contrastive_loss(o.image_emb, o.text_emb, o.logit_scale))):
+        model = build_model(_resolve(*sets).model).eval()
+        _, _, loss, pairs = embed_pairs(model, [batch])
+        with torch.no_grad():
+            want = loss_fn(model(batch["images"], batch["tokens"])).item()
+        assert pairs == 6 and loss == pytest.approx(want, rel=1e-6)
+
+
+# ---- the GPU configs of each family member -----------------------------------------------------------
+GPU = [("s32", 8), ("b16", 32), ("l16", 64), ("h14", 256)]
+
+
+@pytest.mark.parametrize("name,world", GPU)
+def test_sigmoid_gpu_configs_are_their_preset_with_the_sigmoid_loss(name, world):
+    """ds_configs/NAME_sigmoid.json: validated for its cluster, and NAME.json in every key but the
+    loss and the run directory (so the comparison with the softmax run is of the loss alone)."""
+    base = json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
+    sig = json.loads((ROOT / "ds_configs" / f"{name}_sigmoid.json").read_text())
+    train = sig["limoe"]["train"]
+    assert train.pop("loss") == "sigmoid" and train.pop("loss_impl") in ("all_gather", "ring")
+    assert train.pop("run_dir") == f"runs/{name}_sigmoid"
+    base["limoe"]["train"].pop("run_dir")
+    assert sig == base
+    cfg = run_config.load(ROOT / "ds_configs" / f"{name}_sigmoid.json", world_size=world, check_paths=False)
+    assert cfg.train.loss == "sigmoid" and cfg.model.logit_bias_init == -10.0
+    with pytest.raises(ConfigError, match="parallel.world_size"):
+        run_config.load(ROOT / "ds_configs" / f"{name}_sigmoid.json", world_size=world // 2, check_paths=False)
