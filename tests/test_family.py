@@ -1,7 +1,8 @@
 """The contrastive family through the real entry point (issue 15): each member a configuration of
 the same code path, trained on 2 CPU ranks, resumed exactly, exported, loaded and evaluated.
 
-So far: the sigmoid loss (SigLIP, ``train.loss=sigmoid``)."""
+So far: the sigmoid loss (SigLIP, ``train.loss=sigmoid``) and gradient caching
+(``gradient_accumulation_steps`` > 1)."""
 
 from __future__ import annotations
 
@@ -146,3 +147,119 @@ def test_sigmoid_gpu_configs_are_their_preset_with_the_sigmoid_loss(name, world)
     assert cfg.train.loss == "sigmoid" and cfg.model.logit_bias_init == -10.0
     with pytest.raises(ConfigError, match="parallel.world_size"):
         run_config.load(ROOT / "ds_configs" / f"{name}_sigmoid.json", world_size=world // 2, check_paths=False)
+
+
+# ---- gradient caching ------------------------------------------------------------------------------------
+def _cache_model_cfg(loss: str):
+    import dataclasses
+    from test_distributed import _model_cfg
+    cfg = _model_cfg()
+    cfg.moe.capacity_factor = 0.5  # tokens are dropped: the recompute must drop the same ones
+    return dataclasses.replace(cfg, logit_bias_init=-10.0 if loss == "sigmoid" else None)
+
+
+def _cache_batch(dp_rank: int, k: int, cfg):
+    from test_distributed import _batch
+    parts = [_batch(m, dp_rank, cfg) for m in range(k)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _grad_cache_worker(rank, world, loss, impl, k, stage):
+    from deepspeed.utils import safe_get_full_grad
+    from limoe_ds import parallel
+    from limoe_ds.model import build_model
+    from limoe_ds.train.engine import build_engine, grad_cached_step
+    from test_distributed import B, _ds_config, _global_name, _noise_seed, _routing_tensors
+    cfg = _cache_model_cfg(loss)
+    layout = parallel.Layout(rank=rank, world_size=world, ep=2, tp=1)
+    parallel.setup(layout)
+    model = build_model(cfg, ep_size=2, ep_rank=layout.ep_rank, seed=0)
+    ds = {**_ds_config(stage, 0.0, layout.dp), "gradient_accumulation_steps": k, "train_batch_size": B * k * layout.dp}
+    engine, _ = build_engine(model, ds)
+    num_local = cfg.moe.num_experts // 2
+    grads, step = {}, engine.step
+
+    def record_then_step():  # the gradients DeepSpeed steps with, at the accumulation boundary
+        if engine.is_gradient_accumulation_boundary():
+            grads.update({_global_name(n, layout.ep_rank, num_local): safe_get_full_grad(p).clone()
+                          for n, p in engine.module.named_parameters()})
+        step()
+    engine.step = record_then_step
+    images, tokens = _cache_batch(layout.dp_rank, k, cfg)
+    torch.manual_seed(_noise_seed(0, layout.dp_rank))
+    passes = []
+    r = grad_cached_step(engine, {"images": images, "tokens": tokens}, impl, passes=passes)
+    assert not r.skipped and len(passes) == 2 * k and engine.global_steps == 1
+    # the recompute routed as the first pass: same embeddings, routing counts, capacities, aux losses
+    same = all(torch.equal(a.image_emb, b.image_emb) and torch.equal(a.text_emb, b.text_emb)
+               and all(torch.equal(x, y) for x, y in zip(_routing_tensors(a.routing).values(),
+                                                           _routing_tensors(b.routing).values()))
+               and all(torch.equal(a.aux_losses[n], b.aux_losses[n]) for n in a.aux_losses)
+               for a, b in zip(passes[:k], passes[k:]))
+    dropped = sum(float((s.routed_ME - s.kept_ME).sum()) for p in passes[:k] for s in p.routing)
+    parallel.teardown()
+    return {"loss": r.loss, "grads": grads, "same_routing": same, "dropped": dropped}
+
+
+def _grad_cache_reference(loss: str, k: int, dp: int):
+    """One process, every expert: each rank's k micro-batches routed as their own pools, with
+    that rank's noise; ONE loss over all dp*k micro-batches' embeddings, the aux losses averaged."""
+    from types import SimpleNamespace
+    from limoe_ds.losses import pair_loss
+    from limoe_ds.model import build_model
+    from test_distributed import B, _noise_seed
+    cfg = _cache_model_cfg(loss)
+    model = build_model(cfg, seed=0)
+    img, txt, aux = [], [], 0.0
+    for r in range(dp):
+        images, tokens = _cache_batch(r, k, cfg)
+        torch.manual_seed(_noise_seed(0, r))
+        for m in range(k):
+            out = model(images[m * B:(m + 1) * B], tokens[m * B:(m + 1) * B])
+            img.append(out.image_emb)
+            txt.append(out.text_emb)
+            aux = aux + sum(out.aux_losses.values())
+    whole = SimpleNamespace(image_emb=torch.cat(img), text_emb=torch.cat(txt), logit_scale=out.logit_scale,
+                            logit_bias=out.logit_bias)
+    total = pair_loss(whole, group=False) + aux / (dp * k)
+    total.backward()
+    return total.item(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.integration  # gloo ranks and the DeepSpeed engine
+@pytest.mark.parametrize("loss,impl,k,stage", [("softmax", "all_gather", 2, 1), ("sigmoid", "ring", 4, 2)])
+def test_grad_caching_equals_one_step_on_the_k_times_larger_batch(loss, impl, k, stage):
+    """2 ranks, expert parallelism 2: k micro-batches by gradient caching give the loss and the
+    gradients of one loss over the whole batch (fp32, summation-order tolerance), and the
+    recompute of every micro-batch routes exactly as its first pass (router noise on, capacity
+    factor 0.5, tokens dropped)."""
+    from dist_utils import run_ranks
+    results = run_ranks(_grad_cache_worker, 2, loss, impl, k, stage)
+    want_loss, want_grads = _grad_cache_reference(loss, k, dp=2)
+    assert sum(r["loss"] for r in results) / 2 == pytest.approx(want_loss, rel=1e-5)
+    assert set().union(*(r["grads"] for r in results)) == set(want_grads)  # each rank: its experts
+    for res in results:
+        assert res["same_routing"] and res["dropped"] > 0
+        for name, g in res["grads"].items():
+            torch.testing.assert_close(g, want_grads[name], rtol=1e-5, atol=2e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.integration  # the deepspeed launcher (_launch)
+def test_grad_cached_run_trains_and_resumes_bitwise(tmp_path):
+    """The real entry point, 2 ranks, EP=2, gradient_accumulation_steps=2: each step is one loss
+    over 2 micro-batches of 32 (the loader's batch is 64 per rank); a resume from step 4
+    continues bitwise (the RNG states the recompute replays are not part of the checkpoint)."""
+    steps, gc = 8, ["ds.gradient_accumulation_steps=2", "ds.train_micro_batch_size_per_gpu=32",
+                    "ds.train_batch_size=128", "eval.zero_shot=[]"]
+    full = _launch(tmp_path / "full", steps, gc)
+    out, _ = full.communicate(timeout=600)
+    assert full.returncode == 0, out[-3000:]
+    resolved = json.loads((tmp_path / "full" / "resolved_config.json").read_text())
+    assert resolved["gradient_accumulation_steps"] == 2 and resolved["train_batch_size"] == 128
+    resumed = _launch(tmp_path / "resumed", steps, [*gc, "--resume", str(tmp_path / "full" / "checkpoints" /
+                                                                          "step00000004")])
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert sorted(a) == list(range(1, steps + 1)) and sorted(b) == list(range(5, steps + 1))
+    assert [a[s] for s in b] == [b[s] for s in b]

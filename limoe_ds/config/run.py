@@ -156,6 +156,16 @@ class RunConfig:
     def micro_batch_size(self) -> int:
         return int(self.deepspeed["train_micro_batch_size_per_gpu"])
 
+    @property
+    def grad_accum(self) -> int:
+        """k micro-batches per optimizer step (gradient caching when k > 1)."""
+        return int(self.deepspeed.get("gradient_accumulation_steps", 1))
+
+    @property
+    def rank_batch_size(self) -> int:
+        """Image-text pairs per rank per optimizer step: micro-batch x k (the loader's batch)."""
+        return self.micro_batch_size * self.grad_accum
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         ds = d.pop("deepspeed")
@@ -214,12 +224,11 @@ def _check_batch_keys(ds: dict[str, Any], dp: int) -> None:
     gas = ds.get("gradient_accumulation_steps", 1)
     _check(isinstance(micro, int) and micro >= 1, "train_micro_batch_size_per_gpu",
            "must be set to an int >= 1 (per-rank batch of image-text pairs)")
-    # A contrastive loss needs all negatives in one step: accumulating micro-batches would
-    # change the loss (each micro-batch only sees its own negatives). We reject it rather than
-    # silently train a different objective; scale the batch with more data-parallel ranks.
-    _check(gas == 1, "gradient_accumulation_steps",
-           f"must be 1 for the contrastive loss (got {gas}): each micro-batch would only see its own negatives; "
-           f"raise train_micro_batch_size_per_gpu or the number of data-parallel ranks instead")
+    # A contrastive loss needs all negatives in one step: plain accumulation would change the loss
+    # (each micro-batch would see only its own negatives). gradient_accumulation_steps=k > 1 is
+    # gradient caching instead (train.engine.grad_cached_step): the loss over all k micro-batches.
+    _check(isinstance(gas, int) and not isinstance(gas, bool) and gas >= 1, "gradient_accumulation_steps",
+           f"must be an int >= 1 (k > 1: gradient caching over k micro-batches), got {typed.show(gas)}")
     expected = micro * gas * dp
     got = ds.get("train_batch_size", expected)
     _check(got == expected, "train_batch_size",

@@ -98,10 +98,14 @@ class StepResult:
 
 
 def train_step(engine, batch: dict[str, torch.Tensor], loss_impl: str = "all_gather") -> StepResult:
-    """One optimizer step. A non-finite loss on any rank skips the step on every rank.
+    """One optimizer step on this rank's batch. A non-finite loss on any rank skips the step on
+    every rank. With ``gradient_accumulation_steps`` k > 1 the batch is k micro-batches, trained
+    by gradient caching (grad_cached_step).
 
     The contrastive loss is the model's (limoe_ds.losses.pair_loss: sigmoid when it has a bias);
     ``loss_impl`` says how the sigmoid loss reaches the other ranks' captions."""
+    if engine.gradient_accumulation_steps() > 1:
+        return grad_cached_step(engine, batch, loss_impl)
     device = engine.device
     out = engine(batch["images"].to(device), batch["tokens"].to(device))
     contrastive = pair_loss(out, parallel.data_parallel_group(), loss_impl)
@@ -115,3 +119,93 @@ def train_step(engine, batch: dict[str, torch.Tensor], loss_impl: str = "all_gat
     total, contr, *aux = torch.stack([loss.detach(), contrastive.detach(),
                                       *(v.detach().float() for v in out.aux_losses.values())]).tolist()
     return StepResult(False, total, contr, dict(zip(out.aux_losses, aux)), out.routing)
+
+
+@dataclass
+class CachedEmbeddings:
+    """A whole batch's embeddings from the no-grad pass: leaves whose .grad the loss fills."""
+    image_emb: torch.Tensor
+    text_emb: torch.Tensor
+    logit_scale: torch.Tensor
+    logit_bias: torch.Tensor | None
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def grad_cached_step(engine, batch: dict[str, torch.Tensor], loss_impl: str = "all_gather",
+                     passes: list | None = None) -> StepResult:
+    """One optimizer step over k = ``gradient_accumulation_steps`` micro-batches by gradient
+    caching (Gao et al. 2021, GradCache; open_clip's ``--accum-freq``): the contrastive loss of
+    the whole batch, all its negatives, with the activation memory of one micro-batch.
+
+    1. Without gradients, embed every micro-batch (training mode: router noise, training
+       capacity), keeping the RNG state each one started from.
+    2. The contrastive loss over all k micro-batches' embeddings and every data-parallel rank's
+       (pair_loss), backward to the embeddings (and to exp(t), b): the cache of gradients.
+    3. Per micro-batch, restore its RNG state and embed it again with gradients: the same
+       inputs, the same router noise, the same capacity, hence the same routing and drops
+       (tests/test_family.py compares them); backward of <embedding, cached gradient> plus the
+       micro-batch's auxiliary losses / k, through DeepSpeed (engine.backward, engine.step at the
+       accumulation boundary). The gradients sum to those of
+       ``loss = contrastive(whole batch) + mean over micro-batches of the aux losses``: one step
+       on the k-times larger batch whose MoE routing pools are the micro-batches (as each
+       data-parallel rank's micro-batch is its own pool).
+
+    ``passes``: if a list, each pass's LIMoEOutput is appended (tests compare the routing).
+    """
+    device, model = engine.device, engine.module
+    k = engine.gradient_accumulation_steps()
+    images, tokens = batch["images"].to(device), batch["tokens"].to(device)
+    if images.shape[0] % k:
+        raise ValueError(f"a batch of {images.shape[0]} pairs does not split into {k} micro-batches")
+    images, tokens = images.chunk(k), tokens.chunk(k)
+    states, img, txt, aux_total, routing = [], [], [], {}, None
+    with torch.no_grad():
+        for m in range(k):
+            states.append(_rng_state(device))
+            out = engine(images[m], tokens[m])
+            img.append(out.image_emb.float())
+            txt.append(out.text_emb.float())
+            for name, v in out.aux_losses.items():
+                aux_total[name] = aux_total.get(name, 0.0) + v.float() / k
+            routing = out.routing if routing is None else [a.merged(b) for a, b in zip(routing, out.routing)]
+            if passes is not None:
+                passes.append(out)
+    end_state = _rng_state(device)
+    bias = model.logit_bias
+    cache = CachedEmbeddings(torch.cat(img).requires_grad_(), torch.cat(txt).requires_grad_(),
+                             model.logit_scale.detach()[0].exp().requires_grad_(),
+                             None if bias is None else bias.detach()[0].clone().requires_grad_())
+    with torch.enable_grad():
+        contrastive = pair_loss(cache, parallel.data_parallel_group(), loss_impl)
+    loss = contrastive.detach() + sum(aux_total.values())
+    if not all_finite(loss.detach()):
+        return StepResult(True, float("nan"), float("nan"), {}, routing)
+    contrastive.backward()
+    b = images[0].shape[0]
+    for m in range(k):
+        _set_rng_state(states[m], device)
+        out = engine(images[m], tokens[m])
+        if passes is not None:
+            passes.append(out)
+        rows = slice(m * b, (m + 1) * b)
+        surrogate = ((out.image_emb.float() * cache.image_emb.grad[rows]).sum()
+                     + (out.text_emb.float() * cache.text_emb.grad[rows]).sum())
+        if m == 0:  # exp(t) and b enter the loss once, not once per micro-batch
+            surrogate = surrogate + out.logit_scale.float() * cache.logit_scale.grad
+            if bias is not None:
+                surrogate = surrogate + out.logit_bias.float() * cache.logit_bias.grad
+        engine.backward(surrogate + sum(out.aux_losses.values()) / k, scale_wrt_gas=False)
+        engine.step()  # DeepSpeed steps the optimizer at the k-th (the accumulation boundary)
+    _set_rng_state(end_state, device)  # where one pass over the batch leaves it (the recompute replays)
+    engine.module.clamp_logit_scale_()
+    total, contr, *aux = torch.stack([loss, contrastive.detach(), *aux_total.values()]).tolist()
+    return StepResult(False, total, contr, dict(zip(aux_total, aux)), routing)

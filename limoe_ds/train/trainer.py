@@ -100,7 +100,7 @@ class Trainer:
         self.last_routing: dict[str, dict] = {}
         """The routing summary of the last logged window."""
         self.metrics: MetricsLog | None = None
-        self.samples_per_step = cfg.micro_batch_size * self.layout.dp
+        self.samples_per_step = cfg.rank_batch_size * self.layout.dp
         self.tokens_per_sample = cfg.model.num_patches + cfg.model.text_len
 
     def _beat(self, what: str, *, kind: str, slow: bool = False, step: int | None = None) -> None:
@@ -124,7 +124,8 @@ class Trainer:
         common = dict(image_size=cfg.model.image_size, tokenizer=self.tokenizer, text_len=cfg.model.text_len,
                       dp_rank=layout.dp_rank, dp_size=layout.dp)
         if train:
-            return build_train_loader(cfg.data, batch_size=cfg.micro_batch_size, **common)
+            # one batch per optimizer step: k micro-batches of gradient caching are its slices
+            return build_train_loader(cfg.data, batch_size=cfg.rank_batch_size, **common)
         return build_eval_loader(cfg.data, batch_size=cfg.eval.batch_size, **common)
 
     def _evaluator(self) -> Evaluator:
