@@ -88,27 +88,33 @@ def test_sigmoid_run_trains_resumes_exports_and_evaluates(tmp_path):
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
     assert sorted(b) == list(range(5, steps + 1)) and [a[s] for s in b] == [b[s] for s in b]
 
+    ckpt8 = tmp_path / "full" / "checkpoints" / f"step{steps:08d}"
+    loaded, got = _export_and_evaluate(ckpt8, tmp_path, rows)
+    assert loaded.model.cfg.logit_bias_init == -10.0 and loaded.logit_bias == pytest.approx(bias[-1], abs=1e-6)
+    assert got["dropless/val/contrastive"] > 0  # in-batch (test below: it is the sigmoid loss)
+
+
+def _export_and_evaluate(ckpt, tmp_path, rows):
+    """Export ``ckpt`` (it must load with load_pretrained and hold the consolidated weights bit for
+    bit) and evaluate it on one rank with every expert (tools/evaluate.py), which must give the
+    expert-parallel run's zero-shot numbers (``rows``: its metrics.jsonl). The held-out loss is
+    in-batch, and one rank's batches are not two ranks'. -> (the loaded model, the report's metrics)."""
     sys.path.insert(0, str(ROOT / "tools"))
     import convert_checkpoint as convert_tool
     import evaluate as evaluate_tool
     from limoe_ds import load_pretrained
-    ckpt8 = tmp_path / "full" / "checkpoints" / f"step{steps:08d}"
-    assert convert_tool.main(["export", str(ckpt8), str(tmp_path / "export")]) == 0
+    assert convert_tool.main(["export", str(ckpt), str(tmp_path / "export")]) == 0
     loaded = load_pretrained(tmp_path / "export")
-    assert loaded.model.cfg.logit_bias_init == -10.0 and loaded.logit_bias == pytest.approx(bias[-1], abs=1e-6)
     exported = loaded.model.state_dict()
-    assert exported["logit_bias"].item() == pytest.approx(bias[-1], abs=1e-6)
-    for name, value in checkpoint.consolidated_model_state(ckpt8).items():
+    for name, value in checkpoint.consolidated_model_state(ckpt).items():
         assert torch.equal(exported[name], value), name
     final = [r for r in rows if "dropless/zeroshot/fashion_mnist/top1" in r][-1]
     report_path = tmp_path / "report.json"
-    assert evaluate_tool.main(["--checkpoint", str(ckpt8), "--out", str(report_path)]) == 0
+    assert evaluate_tool.main(["--checkpoint", str(ckpt), "--out", str(report_path)]) == 0
     got = json.loads(report_path.read_text())["metrics"]
-    # one rank with every expert gives the two expert-parallel ranks' zero-shot numbers; the held-out
-    # loss is in-batch, and one rank's batches are not the two ranks' (test below: it is the sigmoid loss)
     for k in [k for k in got if k.startswith("dropless/zeroshot/")]:
         assert got[k] == pytest.approx(final[k], abs=1e-9), k
-    assert got["dropless/val/contrastive"] > 0
+    return loaded, got
 
 
 def test_held_out_loss_of_a_sigmoid_model_is_the_sigmoid_loss():
@@ -130,6 +136,25 @@ def test_held_out_loss_of_a_sigmoid_model_is_the_sigmoid_loss():
 
 # ---- the GPU configs of each family member -----------------------------------------------------------
 GPU = [("s32", 8), ("b16", 32), ("l16", 64), ("h14", 256)]
+
+
+@pytest.mark.parametrize("name,world", GPU)
+def test_two_tower_gpu_configs_are_their_preset_with_two_towers(name, world):
+    """ds_configs/NAME_2t.json: the preset's config with its two-tower twin (same layout, batch,
+    schedule), validated for its cluster; its memory estimate fits an 80 GB GPU."""
+    from limoe_ds.parallel.memory import estimate
+    base = json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
+    two = json.loads((ROOT / "ds_configs" / f"{name}_2t.json").read_text())
+    assert two["limoe"]["model"].pop("preset") == f"{name}-2t" and base["limoe"]["model"].pop("preset") == name
+    assert two["limoe"]["train"].pop("run_dir") == f"runs/{name}_2t"
+    base["limoe"]["train"].pop("run_dir")
+    assert two == base
+    cfg = run_config.load(ROOT / "ds_configs" / f"{name}_2t.json", world_size=world, check_paths=False)
+    assert cfg.model.two_tower
+    tp, ep = cfg.parallel.tensor_parallel_size, cfg.parallel.expert_parallel_size
+    mem = estimate(cfg.model, tp=tp, ep=ep, dp=world // tp, zero_stage=cfg.deepspeed["zero_optimization"]["stage"],
+                   micro_batch=cfg.micro_batch_size, activation_checkpointing=cfg.train.activation_checkpointing)
+    assert mem.total_gib < 80, mem
 
 
 @pytest.mark.parametrize("name,world", GPU)
@@ -244,22 +269,91 @@ def test_grad_caching_equals_one_step_on_the_k_times_larger_batch(loss, impl, k,
             torch.testing.assert_close(g, want_grads[name], rtol=1e-5, atol=2e-6, msg=lambda m: f"{name}: {m}")
 
 
+# ---- two towers ---------------------------------------------------------------------------------------------
+def test_two_tower_twin_matches_the_one_tower_per_token_compute():
+    """tiny-2t: each tower the shape of tiny's one tower, so a token of either modality goes
+    through the same parameters' worth of compute; the text tower's blocks follow the image's."""
+    from limoe_ds.model import build_model, param_counts
+    one, two = param_counts(build_model("tiny", device="meta")), param_counts(build_model("tiny-2t", device="meta"))
+    for m in ("image", "text"):
+        assert two[f"active_params_per_{m}_token"] == one[f"active_params_per_{m}_token"]
+    assert two["total_params"] > 1.5 * one["total_params"] and two["expert_params"] == 2 * one["expert_params"]
+    model = build_model("tiny-2t")
+    assert [b.index for b in model.all_blocks() if b.is_moe] == [1, 3, 5, 7]
+    out = model(torch.rand(2, 3, 32, 32) * 2 - 1, torch.randint(1, 99, (2, 16)))
+    assert [s.layer for s in out.routing] == [1, 3, 5, 7]
+    # each tower's pool holds one modality: the image tower routes no text token, and vice versa
+    by_layer = {s.layer: s.routed_ME.sum(dim=1) for s in out.routing}  # [image, text] token counts
+    assert all(by_layer[i][1] == 0 and by_layer[i][0] > 0 for i in (1, 3))
+    assert all(by_layer[i][0] == 0 and by_layer[i][1] > 0 for i in (5, 7))
+    # the absent modality's entropy losses are zero, not a constant
+    assert out.aux_losses["moe/layer1/text/global_entropy"].item() == 0.0
+    assert out.aux_losses["moe/layer5/image/global_entropy"].item() == 0.0
+
+
+def test_two_tower_towers_differ_in_shape_and_sparsity():
+    """A dense text tower of its own width and depth beside a sparse image tower (vmoe's
+    contrastive setting); the tensor-parallel plan splits the text tower's blocks too."""
+    from limoe_ds.model import build_model
+    from limoe_ds.parallel.tp_plan import tp_partition
+    cfg = _resolve("model.text_tower={width: 64, depth: 2, mlp_dim: 256, num_heads: 2}").model
+    assert cfg.two_tower and cfg.text_tower.moe is None and cfg.num_experts == 4
+    model = build_model(cfg)
+    assert model.token_embed.weight.shape[1] == 64 and model.text_head.weight.shape == (128, 64)
+    assert len(model.moe_layers()) == 2 and [b.index for b in model.text_tower.blocks] == [4, 5]
+    assert tp_partition("text_tower.blocks.1.attn.qkv.weight") == tp_partition("blocks.1.attn.qkv.weight")
+    out = model(torch.rand(2, 3, 32, 32) * 2 - 1, torch.randint(1, 99, (2, 16)))
+    assert out.image_emb.shape == out.text_emb.shape == (2, 128)
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["model.text_tower={width: 64, depth: 2, mlp_dim: 256, num_heads: 3}"],
+     "model.text_tower.num_heads: width 64 is not divisible by num_heads 3"),
+    (["model.preset=tiny-2t", "model.text_tower.moe.num_experts=8"],
+     "model.text_tower.moe.num_experts: 8 != the image tower's model.moe.num_experts 4"),
+    (["model.preset=tiny-2t", "model.text_tower.moe.layers=[5]"], "model.text_tower.moe.layers: block indices [5]"),
+    (["model.text_tower={width: 64, depth: 2, mlp_dim: 255, num_heads: 2}", "parallel.tensor_parallel_size=2",
+      "parallel.expert_parallel_size=1", "ds.train_batch_size=64"],
+     "parallel.tensor_parallel_size: tp=2 does not divide model.text_tower.mlp_dim=255"),
+])
+def test_two_tower_config_errors_name_the_key(sets, message):
+    with pytest.raises(ConfigError) as e:
+        _resolve(*sets)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.integration  # the deepspeed launcher (_launch)
-def test_grad_cached_run_trains_and_resumes_bitwise(tmp_path):
-    """The real entry point, 2 ranks, EP=2, gradient_accumulation_steps=2: each step is one loss
-    over 2 micro-batches of 32 (the loader's batch is 64 per rank); a resume from step 4
-    continues bitwise (the RNG states the recompute replays are not part of the checkpoint)."""
-    steps, gc = 8, ["ds.gradient_accumulation_steps=2", "ds.train_micro_batch_size_per_gpu=32",
-                    "ds.train_batch_size=128", "eval.zero_shot=[]"]
-    full = _launch(tmp_path / "full", steps, gc)
+def test_two_tower_grad_cached_run_trains_resumes_exports_and_evaluates(tmp_path):
+    """tiny-2t on 2 ranks with expert parallelism 2 (both towers sparse), with gradient caching
+    (gradient_accumulation_steps=2: each step one loss over 2 micro-batches of 32; the loader's
+    batch is 64 per rank): a resume from step 4 continues bitwise (the RNG states the recompute
+    replays live within a step); the export loads; tools/evaluate.py on one rank gives the run's
+    zero-shot numbers; tools/analyze_experts.py names each layer's tower."""
+    steps = 8
+    two = ["model.preset=tiny-2t", "ds.gradient_accumulation_steps=2", "ds.train_micro_batch_size_per_gpu=32",
+           "ds.train_batch_size=128"]
+    full = _launch(tmp_path / "full", steps, two)
     out, _ = full.communicate(timeout=600)
     assert full.returncode == 0, out[-3000:]
     resolved = json.loads((tmp_path / "full" / "resolved_config.json").read_text())
-    assert resolved["gradient_accumulation_steps"] == 2 and resolved["train_batch_size"] == 128
-    resumed = _launch(tmp_path / "resumed", steps, [*gc, "--resume", str(tmp_path / "full" / "checkpoints" /
-                                                                          "step00000004")])
+    assert resolved["gradient_accumulation_steps"] == 2 and resolved["limoe"]["model"]["text_tower"]["depth"] == 4
+    resumed = _launch(tmp_path / "resumed", steps, [*two, "--resume", str(tmp_path / "full" / "checkpoints" /
+                                                                           "step00000004")])
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
-    assert sorted(a) == list(range(1, steps + 1)) and sorted(b) == list(range(5, steps + 1))
-    assert [a[s] for s in b] == [b[s] for s in b]
+    assert sorted(b) == list(range(5, steps + 1)) and [a[s] for s in b] == [b[s] for s in b]
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert any("routing/layer7/text/success_rate" in r for r in rows)
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import analyze_experts
+    ckpt8 = tmp_path / "full" / "checkpoints" / f"step{steps:08d}"
+    loaded, _ = _export_and_evaluate(ckpt8, tmp_path, rows)
+    assert loaded.cfg.two_tower and len(loaded.model.text_tower.blocks) == 4
+    assert analyze_experts.main(["--checkpoint", str(ckpt8), "--out", str(tmp_path / "experts"),
+                                 "--set", "eval.max_batches=1"]) == 0
+    report = json.loads((tmp_path / "experts" / "report.json").read_text())
+    assert report["towers"] == {"layer1": "image", "layer3": "image", "layer5": "text", "layer7": "text"}
+    assert {p.name for p in (tmp_path / "experts").glob("patches_layer*.png")} == {"patches_layer1.png",
+                                                                                   "patches_layer3.png"}

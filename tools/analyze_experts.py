@@ -10,6 +10,13 @@ and writes to --out:
   experts_modality.png the LIMoE paper's chart: one panel per MoE layer, one bar per expert,
                        split into image (blue) and text (orange) tokens
   patches_layerL.png   for a few validation images, each patch coloured by the expert it went to
+
+A two-tower model (``model.text_tower``): each tower's MoE layers see one modality only, so the
+report says per layer which tower it is in (``"towers"``), the chart shows a single colour per
+panel (all image, or all text: by construction, not a finding), and patch overlays exist for the
+image tower's layers only. The one-tower numbers (how experts specialise across modalities) have
+no two-tower counterpart; what remains meaningful is the routing within a tower (success rate,
+entropies, tokens per expert, dead experts).
 """
 
 from __future__ import annotations
@@ -38,6 +45,16 @@ def analyze(model, loader, *, sample_images: int = 8) -> tuple[dict, dict[int, t
     return record.summary(), record.experts_BI, record.images_BCHW
 
 
+def towers(model_cfg, summary: dict) -> dict[str, str]:
+    """{layer key: 'shared' (one tower: both modalities), 'image' or 'text' (a two-tower model's)}."""
+    out = {}
+    for key in summary:
+        index = int(key.removeprefix("layer"))
+        out[key] = ("shared" if not model_cfg.two_tower else
+                    "image" if index < model_cfg.text_block_offset else "text")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, type=Path)
@@ -50,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         state = checkpoint.consolidated_model_state(args.checkpoint)
     except ValueError as e:
         return fail(e)
-    if cfg.model.moe is None or cfg.data.val is None:
+    if cfg.model.any_moe is None or cfg.data.val is None:
         return fail("needs an MoE model and data.val (set it with --set data.val=PATH)")
     from limoe_ds.data import Tokenizer, build_eval_loader
     from limoe_ds.model import build_model
@@ -61,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     summary, experts, images = analyze(model, loader, sample_images=args.images)
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write_text(args.out / "report.json", json.dumps(
-        {"checkpoint": str(args.checkpoint), "routing": "dropless", "layers": summary}, indent=1) + "\n")
+        {"checkpoint": str(args.checkpoint), "routing": "dropless", "towers": towers(cfg.model, summary),
+         "layers": summary}, indent=1) + "\n")
     modality_chart(summary).save(args.out / "experts_modality.png")
     for index, e in experts.items():
         patch_overlay(images, e).save(args.out / f"patches_layer{index}.png")

@@ -3,6 +3,7 @@
 
     python tools/model_summary.py h14
     python tools/model_summary.py b16-dense
+    python tools/model_summary.py b16-2t                    # the two-tower twin
     python tools/model_summary.py ds_configs/tiny.json      # reads the "limoe" block's model
     python tools/model_summary.py h14 --layout tp=1,ep=8,dp=256 --micro-batch 64
     python tools/model_summary.py ds_configs/h14.json --layout tp=2,ep=8,dp=128
@@ -13,7 +14,11 @@ and activation checkpointing default to the config's; ``--zero``, ``--micro-batc
 ``--fp32`` and ``--no-activation-checkpointing`` override them.
 
 Per-token (active) parameters follow ../shared/LIMOE_SPEC.md: all parameters minus, in every MoE
-layer, the (E-1)/E of expert parameters a token does not use.
+layer, the (E-1)/E of expert parameters a token does not use. ``active_params_per_image_token`` /
+``_text_token`` count what a token of each modality pays multiply-adds for (its tower with 1/E of
+the experts, the patch embedding, its pooling and head; not the token-embedding table): the
+numbers to equalise when comparing one tower with two (``NAME-2t``: each tower the one tower's
+shape, the same per-token compute, about twice the parameters).
 """
 
 from __future__ import annotations
@@ -50,6 +55,11 @@ def summarize(cfg: ModelConfig) -> dict:
             "num_heads": cfg.num_heads, "image_size": cfg.image_size, "patch_size": cfg.patch_size,
             "text_len": cfg.text_len, "vocab_size": cfg.vocab_size,
             "num_experts": moe.num_experts if moe else 0, "moe_layers": list(moe.layers) if moe else [],
+            "text_tower": None if cfg.text_tower is None else {
+                "width": cfg.text_tower.width, "depth": cfg.text_tower.depth, "mlp_dim": cfg.text_tower.mlp_dim,
+                "num_heads": cfg.text_tower.num_heads,
+                "num_experts": cfg.text_tower.moe.num_experts if cfg.text_tower.moe else 0,
+                "moe_layers": list(cfg.text_tower.moe.layers) if cfg.text_tower.moe else []},
             **counts,
             "total_params_b": round(counts["total_params"] / 1e9, 3),
             "active_params_per_token_b": round(counts["active_params_per_token"] / 1e9, 3)}
@@ -87,7 +97,8 @@ def _run_defaults(preset_or_path: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("preset_or_config", help="preset (tiny, s32, b16, l16, h14, NAME-dense) or a ds_configs JSON")
+    parser.add_argument("preset_or_config", help="preset (tiny, s32, b16, l16, h14, NAME-dense, NAME-2t, "
+                        "NAME-2t-dense) or a ds_configs JSON")
     parser.add_argument("--layout", help="tp=N,ep=N,dp=N: add a per-GPU memory estimate for this layout")
     parser.add_argument("--zero", type=int, help="ZeRO stage (default: the JSON's, else 2)")
     parser.add_argument("--micro-batch", type=int, help="pairs per GPU (default: the JSON's, else 64)")

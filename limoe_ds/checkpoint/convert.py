@@ -123,7 +123,7 @@ def read_full_state(ckpt_dir: str | os.PathLike, keep: Callable[[str], bool] | N
     lanes = [_load(fmt.model_states(ckpt_dir, t)) for t in range(layout.tp)]
     from limoe_ds.config.run import model_config
     model_cfg = model_config(cfg["limoe"]["model"])
-    num_local = model_cfg.moe.num_experts // layout.ep if model_cfg.moe else 1
+    num_local = model_cfg.num_experts // layout.ep if model_cfg.num_experts else 1
     read = _zero0_parts if stage == 0 else _zero12_parts
     # per lane: dense parameters (tp shards, local names); experts by global name
     lane_parts, experts, adam_step, template = read(ckpt_dir, lanes, layout, model_cfg, num_local, keep)

@@ -79,7 +79,7 @@ def reshard_rank(rank: int, world: int, src: str, out: str, tp: int, ep: int) ->
     marker = checkpoint.read_marker(src_dir, "checkpoint")
     cfg = run_config.resolve(resharded_config(marker, tp=tp, ep=ep, world=world), world_size=world, check_paths=False)
     layout = parallel.Layout(rank=rank, world_size=world, ep=ep, tp=tp)
-    num_local = cfg.model.moe.num_experts // ep if cfg.model.moe else 1
+    num_local = cfg.model.num_experts // ep if cfg.model.num_experts else 1
     state = read_full_state(src_dir, keep=experts_of(layout.ep_rank, num_local))
     parallel.setup(layout)
     # on the CPU, not meta: DeepSpeed tags expert parameters at construction (to_empty would drop the tags)

@@ -95,8 +95,35 @@ class MoEConfig:
 
 
 @dataclass(kw_only=True)
+class TowerConfig:
+    """The text tower of a two-tower model (``model.text_tower``): its own blocks, width, depth and
+    heads, dense or MoE (its own MoE layers; when both towers are MoE they share the expert count,
+    so that one expert-parallel layout shards every MoE layer alike)."""
+
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    moe: MoEConfig | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, Mapping):
+            self.moe = MoEConfig(**self.moe)
+        for key in ("width", "depth", "mlp_dim", "num_heads"):
+            v = getattr(self, key)
+            _check(v > 0, f"model.text_tower.{key}", f"must be > 0, got {v!r}")
+        _check(self.width % self.num_heads == 0, "model.text_tower.num_heads",
+               f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.moe is not None:
+            bad = [i for i in self.moe.layers if not 0 <= i < self.depth]
+            _check(not bad, "model.text_tower.moe.layers",
+                   f"block indices {bad} are outside [0, depth={self.depth})")
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
-    """One-tower LIMoE transformer shared by images and text."""
+    """The LIMoE transformer: ONE tower shared by images and text, or (``text_tower`` set) two
+    towers, the top-level width/depth/heads/moe being the image tower's."""
 
     name: str = "custom"
     width: int
@@ -122,6 +149,9 @@ class ModelConfig:
     None = no bias parameter (the softmax loss)."""
     init_std: float = 0.02
     moe: MoEConfig | None = None
+    text_tower: TowerConfig | None = None
+    """None: one tower for both modalities (LIMoE). A section: a two-tower model (CLIP-style), whose
+    text goes through these blocks; the top-level blocks are then the image tower."""
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, Mapping):
@@ -144,6 +174,42 @@ class ModelConfig:
         if self.moe is not None:
             bad = [i for i in self.moe.layers if not 0 <= i < self.depth]
             _check(not bad, "model.moe.layers", f"block indices {bad} are outside [0, depth={self.depth})")
+        if isinstance(self.text_tower, Mapping):
+            self.text_tower = TowerConfig(**self.text_tower)
+        t = self.text_tower
+        if t is not None and t.moe is not None and self.moe is not None:
+            _check(t.moe.num_experts == self.moe.num_experts, "model.text_tower.moe.num_experts",
+                   f"{t.moe.num_experts} != the image tower's model.moe.num_experts {self.moe.num_experts}: the towers "
+                   f"share one expert-parallel layout (E / ep experts per rank in every MoE layer); use the same count")
+
+    @property
+    def two_tower(self) -> bool:
+        return self.text_tower is not None
+
+    def towers(self) -> list[tuple[str, Any]]:
+        """[(name, tower)]: ('shared', self) for one tower; ('image', self), ('text', text_tower) for two.
+        A tower has width, depth, mlp_dim, num_heads and moe."""
+        return [("shared", self)] if self.text_tower is None else [("image", self), ("text", self.text_tower)]
+
+    @property
+    def any_moe(self) -> MoEConfig | None:
+        """The MoE config of a sparse tower (the image tower's first), None for a dense model."""
+        return next((t.moe for _, t in self.towers() if t.moe is not None), None)
+
+    @property
+    def num_experts(self) -> int | None:
+        """Experts per MoE layer (every MoE layer of the model has the same count), None if dense."""
+        moe = self.any_moe
+        return None if moe is None else moe.num_experts
+
+    @property
+    def text_width(self) -> int:
+        return self.width if self.text_tower is None else self.text_tower.width
+
+    @property
+    def text_block_offset(self) -> int:
+        """The text tower's block i is block ``depth + i`` of the model (names its MoE statistics)."""
+        return self.depth
 
     @property
     def num_patches(self) -> int:
@@ -155,7 +221,18 @@ class ModelConfig:
     def dense_twin(self) -> "ModelConfig":
         """Same model with every MoE layer replaced by a dense FFN of the same per-token compute."""
         name = self.name if self.name.endswith("-dense") else f"{self.name}-dense"
-        return dataclasses.replace(self, name=name, moe=None)
+        text = None if self.text_tower is None else dataclasses.replace(self.text_tower, moe=None)
+        return dataclasses.replace(self, name=name, moe=None, text_tower=text)
+
+    def two_tower_twin(self) -> "ModelConfig":
+        """Two towers, each the one tower's shape (blocks, width, heads, MoE layers): the same
+        per-token compute (every token goes through one tower of the same shape), about twice
+        the parameters. A two-tower model is its own twin."""
+        if self.text_tower is not None:
+            return self
+        moe = None if self.moe is None else dataclasses.replace(self.moe)
+        text = TowerConfig(width=self.width, depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads, moe=moe)
+        return dataclasses.replace(self, name=f"{self.name}-2t", text_tower=text)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -198,18 +275,26 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def get_preset(name: str) -> ModelConfig:
-    """A fresh copy of a preset; ``NAME-dense`` gives its dense twin."""
+    """A fresh copy of a preset; ``NAME-2t`` gives its two-tower twin, ``NAME-dense`` (and
+    ``NAME-2t-dense``) the dense twin."""
     base, dense = (name[:-len("-dense")], True) if name.endswith("-dense") else (name, False)
+    base, two = (base[:-len("-2t")], True) if base.endswith("-2t") else (base, False)
     if base not in PRESETS:
-        raise ValueError(f"model.preset: unknown preset {name!r}; choose one of "
-                         f"{sorted(PRESETS) + sorted(p + '-dense' for p in PRESETS)}")
+        raise ValueError(f"model.preset: unknown preset {name!r}; choose one of {preset_variants()}")
     cfg = config_from_dict(dataclasses.asdict(PRESETS[base]))
+    if two:
+        cfg = cfg.two_tower_twin()
     return cfg.dense_twin() if dense else cfg
+
+
+def preset_variants() -> list[str]:
+    """Every name get_preset knows: NAME, NAME-dense, NAME-2t, NAME-2t-dense."""
+    return [f"{p}{v}" for v in ("", "-dense", "-2t", "-2t-dense") for p in sorted(PRESETS)]
 
 
 def preset_names() -> list[str]:
     return list(PRESETS)
 
 
-__all__ = ["MoEConfig", "ModelConfig", "PRESETS", "get_preset", "preset_names", "config_from_dict",
-           "MODALITIES"]
+__all__ = ["MoEConfig", "ModelConfig", "TowerConfig", "preset_variants", "PRESETS", "get_preset", "preset_names",
+           "config_from_dict", "MODALITIES"]

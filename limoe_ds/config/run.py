@@ -195,6 +195,12 @@ def model_config(d: Mapping[str, Any]) -> ModelConfig:
                 # the preset's S_m were derived from ITS expert count: derive them for the new one
                 moe["global_entropy_min_experts"] = None
             d["moe"] = {**moe, **d["moe"]}
+        if isinstance(d.get("text_tower"), Mapping) and base.get("text_tower") is not None:
+            # a two-tower preset's text tower, key by key (and its moe section too)
+            text, given = dict(base["text_tower"]), dict(d["text_tower"])
+            if isinstance(given.get("moe"), Mapping) and text.get("moe") is not None:
+                given["moe"] = {**text["moe"], **given["moe"]}
+            d["text_tower"] = {**text, **given}
         return config_from_dict({**base, **d})
     except (ValueError, TypeError) as e:
         msg = str(e)
@@ -335,16 +341,14 @@ def _check_loss(cfg: RunConfig) -> None:
 
 
 def _check_layout(cfg: RunConfig, world_size: int) -> None:
-    from limoe_ds.parallel.layout import check_layout  # pure, but its package imports torch
+    from limoe_ds.parallel.layout import check_model_layout  # pure, but its package imports torch
     tp, ep = cfg.parallel.tensor_parallel_size, cfg.parallel.expert_parallel_size
     want = cfg.parallel.world_size
     _check(want is None or want == world_size, "parallel.world_size",
            f"this config is written for {want} ranks but {world_size} were launched; launch {want} "
            f"(e.g. deepspeed --num_gpus/--num_nodes) or --set parallel.world_size={world_size} "
            f"after checking the batch")
-    moe = cfg.model.moe
-    problems = check_layout(world_size, tp=tp, ep=ep, num_experts=moe.num_experts if moe else None,
-                            num_heads=cfg.model.num_heads, mlp_dim=cfg.model.mlp_dim, dense=moe is None)
+    problems = check_model_layout(world_size, tp=tp, ep=ep, model=cfg.model)
     if problems:
         key, message = problems[0]
         raise ConfigError(f"{key}: {message}")

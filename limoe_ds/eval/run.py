@@ -115,7 +115,7 @@ def expert_choices(model, enabled: bool = True) -> Iterator[dict[int, torch.Tens
     """While open: {MoE layer index: expert id of each routed slot in the latest forward pass}."""
     store: dict[int, torch.Tensor] = {}
     hooks = [b.ffn.register_forward_hook(functools.partial(_capture, store, b.index))
-             for b in model.blocks if b.is_moe] if enabled else []
+             for b in model.blocks if b.is_moe] if enabled else []  # the blocks image patches go through
     try:
         yield store
     finally:
@@ -370,8 +370,8 @@ def evaluate(model, *, val_loader=None, zero_shot_sets=(), retrieval_sets=(), co
     was_training = model.training
     model.eval()
     modes = {"dropless": None}
-    if model.cfg.moe is not None:
-        modes["train_cf"] = model.cfg.moe.capacity_factor
+    if model.cfg.any_moe is not None:
+        modes["train_cf"] = model.cfg.any_moe.capacity_factor
     out: dict[str, dict[str, float]] = {mode: {} for mode in modes}
     try:
         if val_loader is not None:

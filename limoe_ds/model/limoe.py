@@ -1,4 +1,5 @@
-"""LIMoE: one transformer tower shared by images and text, with sparse MoE feed-forward layers.
+"""LIMoE: one transformer tower shared by images and text, with sparse MoE feed-forward layers
+(or, with ``model.text_tower``, two towers: the image tower and a text tower of its own).
 
 A plain single-device ``nn.Module``: parallelism (process groups, DeepSpeed) is applied
 elsewhere; tensor parallelism by ``limoe_ds.parallel.tp_plan.apply`` from outside. The only layout
@@ -67,17 +68,21 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN block shared by both modalities; a MoE block routes both modalities in ONE pool."""
+    """Pre-LN block shared by both modalities; a MoE block routes both modalities in ONE pool.
 
-    def __init__(self, cfg: ModelConfig, index: int, ep_size: int) -> None:
+    ``tower``: the ModelConfig (the one tower, or the image tower) or a TowerConfig (the text
+    tower); ``index`` is the block's index in its tower, ``offset`` what makes it the model's block
+    index (``self.index``, which names its MoE statistics: the text tower's follow the image's)."""
+
+    def __init__(self, tower, index: int, ep_size: int, offset: int = 0) -> None:
         super().__init__()
-        self.index = index
-        self.ln1 = nn.LayerNorm(cfg.width)
-        self.attn = Attention(cfg.width, cfg.num_heads)
-        self.ln2 = nn.LayerNorm(cfg.width)
-        self.is_moe = cfg.is_moe_layer(index)
-        self.ffn = (LIMoELayer(cfg.width, cfg.mlp_dim, cfg.moe, ep_size=ep_size, index=index)
-                    if self.is_moe else MLP(cfg.width, cfg.mlp_dim))
+        self.index = offset + index
+        self.ln1 = nn.LayerNorm(tower.width)
+        self.attn = Attention(tower.width, tower.num_heads)
+        self.ln2 = nn.LayerNorm(tower.width)
+        self.is_moe = tower.moe is not None and index in tower.moe.layers
+        self.ffn = (LIMoELayer(tower.width, tower.mlp_dim, tower.moe, ep_size=ep_size, index=self.index)
+                    if self.is_moe else MLP(tower.width, tower.mlp_dim))
 
     def forward(self, img_BID: torch.Tensor, txt_BTD: torch.Tensor, txt_valid_BT: torch.Tensor,
                 capacity_factor=CONFIGURED) -> tuple[torch.Tensor, torch.Tensor, Routing | None, RoutingStats | None]:
@@ -118,26 +123,40 @@ class MAPHead(nn.Module):
         return (y + self.mlp(self.ln(y)))[:, 0]
 
 
+class TextTower(nn.Module):
+    """A two-tower model's text tower: its blocks (numbered after the image tower's) and final norm."""
+
+    def __init__(self, cfg: ModelConfig, ep_size: int) -> None:
+        super().__init__()
+        t = cfg.text_tower
+        self.blocks = nn.ModuleList(Block(t, i, ep_size, offset=cfg.text_block_offset) for i in range(t.depth))
+        self.final_ln = nn.LayerNorm(t.width)
+
+
 class LIMoEModel(nn.Module):
-    """One-tower LIMoE. ``forward(images, tokens)`` is the training forward."""
+    """LIMoE: one tower for both modalities, or two (``cfg.text_tower``). ``forward(images, tokens)``
+    is the training forward."""
 
     def __init__(self, cfg: ModelConfig, *, ep_size: int = 1, ep_rank: int = 0) -> None:
         super().__init__()
         self.cfg, self.ep_size, self.ep_rank = cfg, ep_size, ep_rank
         self.tp_degree = 1
         """Tensor-parallel ranks this model is split over (set by limoe_ds.parallel.tp_plan.apply)."""
-        D = cfg.width
+        D, Dt = cfg.width, cfg.text_width
+        text = cfg.text_tower or cfg
         self.patch_embed = nn.Conv2d(cfg.channels, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.image_pos = nn.Parameter(torch.empty(1, cfg.num_patches, D))
-        self.token_embed = nn.Embedding(cfg.vocab_size, D)
-        self.text_pos = nn.Parameter(torch.empty(1, cfg.text_len, D))
+        self.token_embed = nn.Embedding(cfg.vocab_size, Dt)
+        self.text_pos = nn.Parameter(torch.empty(1, cfg.text_len, Dt))
         self.blocks = nn.ModuleList(Block(cfg, i, ep_size) for i in range(cfg.depth))
+        """The one tower's blocks, or the image tower's."""
         self.final_ln = nn.LayerNorm(D)
+        self.text_tower = TextTower(cfg, ep_size) if cfg.two_tower else None
         if cfg.pooling == "map":
             self.image_pool = MAPHead(D, cfg.num_heads, cfg.mlp_dim)
-            self.text_pool = MAPHead(D, cfg.num_heads, cfg.mlp_dim)
+            self.text_pool = MAPHead(Dt, text.num_heads, text.mlp_dim)
         self.image_head = nn.Linear(D, cfg.embed_dim)
-        self.text_head = nn.Linear(D, cfg.embed_dim)
+        self.text_head = nn.Linear(Dt, cfg.embed_dim)
         # t, with exp(t) the inverse temperature; shape [1], not [] (DeepSpeed cannot broadcast 0-dim params)
         self.logit_scale = nn.Parameter(torch.empty(1))
         # b, the sigmoid loss's learned bias (train.loss=sigmoid); a softmax model has none
@@ -161,8 +180,26 @@ class LIMoEModel(nn.Module):
 
     # -- tower ----------------------------------------------------------------------------------
     def _tower(self, img_BID, txt_BTD, txt_valid_BT, capacity_factor):
+        """The one tower (both modalities), or each modality through its own tower."""
+        if self.text_tower is None:
+            img_BID, txt_BTD, aux, stats = self._run(self.blocks, img_BID, txt_BTD, txt_valid_BT, capacity_factor)
+            return self.final_ln(img_BID), self.final_ln(txt_BTD), aux, stats
         aux, stats = {}, []
-        for block in self.blocks:
+        # a modality absent from this pass (encode_text / encode_image) skips its tower on every rank
+        if img_BID.shape[0] > 0:
+            no_txt = img_BID.new_zeros(0, self.cfg.text_len, self.cfg.width)
+            img_BID, _, aux, stats = self._run(self.blocks, img_BID, no_txt, txt_valid_BT[:0], capacity_factor)
+        if txt_BTD.shape[0] > 0:
+            no_img = txt_BTD.new_zeros(0, self.cfg.num_patches, self.cfg.text_width)
+            _, txt_BTD, aux_t, stats_t = self._run(self.text_tower.blocks, no_img, txt_BTD, txt_valid_BT,
+                                                   capacity_factor)
+            aux, stats = {**aux, **aux_t}, stats + stats_t
+            txt_BTD = self.text_tower.final_ln(txt_BTD)
+        return self.final_ln(img_BID), txt_BTD, aux, stats
+
+    def _run(self, blocks, img_BID, txt_BTD, txt_valid_BT, capacity_factor):
+        aux, stats = {}, []
+        for block in blocks:
             if self.activation_checkpointing and self.training:
                 img_BID, txt_BTD, routing, layer_stats = torch.utils.checkpoint.checkpoint(
                     block, img_BID, txt_BTD, txt_valid_BT, capacity_factor, use_reentrant=False,
@@ -172,7 +209,7 @@ class LIMoEModel(nn.Module):
             if routing is not None:
                 aux.update({aux_key(block.index, term): v for term, v in routing.aux.items()})
                 stats.append(layer_stats)
-        return self.final_ln(img_BID), self.final_ln(txt_BTD), aux, stats
+        return img_BID, txt_BTD, aux, stats
 
     def _pool(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor, which: str) -> torch.Tensor:
         if self.cfg.pooling == "map":
@@ -193,7 +230,7 @@ class LIMoEModel(nn.Module):
         if tokens_BT is not None:
             txt_BTD, txt_valid_BT = self.embed_text(tokens_BT)
         else:
-            txt_BTD = self.text_pos.new_zeros(0, self.cfg.text_len, self.cfg.width)
+            txt_BTD = self.text_pos.new_zeros(0, self.cfg.text_len, self.cfg.text_width)
             txt_valid_BT = torch.zeros(0, self.cfg.text_len, dtype=torch.bool, device=txt_BTD.device)
         img_BID, txt_BTD, aux, stats = self._tower(img_BID, txt_BTD, txt_valid_BT, capacity_factor)
         img_valid_BI = torch.ones(img_BID.shape[:2], dtype=torch.bool, device=img_BID.device)
@@ -215,8 +252,12 @@ class LIMoEModel(nn.Module):
         """exp(t) <= temperature_max, applied after each optimizer step (open_clip), not in forward."""
         self.logit_scale.clamp_(max=math.log(self.cfg.temperature_max))
 
+    def all_blocks(self) -> list[Block]:
+        """Every block of the model in index order: the one tower's, or the image tower's then the text tower's."""
+        return list(self.blocks) + (list(self.text_tower.blocks) if self.text_tower is not None else [])
+
     def moe_layers(self) -> list[LIMoELayer]:
-        return [b.ffn for b in self.blocks if b.is_moe]
+        return [b.ffn for b in self.all_blocks() if b.is_moe]
 
 
 @torch.no_grad()
@@ -228,7 +269,7 @@ def init_weights(model: LIMoEModel, seed: int) -> None:
     afterwards (``limoe_ds.parallel.tp_plan.apply``). Runs are comparable and checkpoints convertible.
     """
     cfg = model.cfg
-    num_local = cfg.moe.num_experts // model.ep_size if cfg.moe else 1
+    num_local = cfg.num_experts // model.ep_size if cfg.num_experts else 1
     for mod_name, mod in model.named_modules():
         for p_name, p in mod.named_parameters(recurse=False):
             if p.is_meta:
@@ -281,7 +322,32 @@ def param_counts(model: LIMoEModel) -> dict[str, int]:
     assert model.ep_size == 1 and model.tp_degree == 1, "count parameters on a full model (ep_size=1, tp=1)"
     total = sum(p.numel() for p in model.parameters())
     expert = sum(p.numel() for layer in model.moe_layers() for p in layer.deepspeed_moe.experts.parameters())
-    E = model.cfg.moe.num_experts if model.cfg.moe else 1
+    E = model.cfg.num_experts or 1
     inactive = expert * (E - 1) // E
-    return {"total_params": total, "active_params_per_token": total - inactive, "expert_params": expert,
-            "shared_params": total - expert}
+    counts = {"total_params": total, "active_params_per_token": total - inactive, "expert_params": expert,
+              "shared_params": total - expert}
+    # per modality: the parameters whose multiply-adds a token of that modality pays (the patch
+    # embedding, its tower with 1/E of each MoE layer's experts, its pooling and head; not the
+    # token-embedding table, a lookup): the per-token compute a compute-matched comparison of one-
+    # and two-tower models equalises
+    for m in ("image", "text"):
+        counts[f"active_params_per_{m}_token"] = sum(p.numel() // (E if split_expert_name(n) else 1)
+                                                     for n, p in model.named_parameters() if m in _used_by(n, model))
+    return counts
+
+
+_IMAGE_ONLY = ("patch_embed.", "image_pos", "image_pool.", "image_head.")
+_TEXT_ONLY = ("text_pos", "text_pool.", "text_head.", "text_tower.")
+
+
+def _used_by(name: str, model: LIMoEModel) -> set[str]:
+    """The modalities whose tokens pay multiply-adds for parameter ``name``."""
+    if name.startswith("token_embed."):
+        return set()  # a table lookup
+    if name.startswith(_IMAGE_ONLY):
+        return {"image"}
+    if name.startswith(_TEXT_ONLY):
+        return {"text"}
+    if name.startswith(("blocks.", "final_ln.")):
+        return {"image"} if model.text_tower is not None else {"image", "text"}
+    return {"image", "text"}  # logit_scale, logit_bias

@@ -67,8 +67,18 @@ class Layout:
         return next(g for g in groups if self.rank in g)
 
 
+def check_model_layout(world_size: int, *, tp: int, ep: int, model) -> list[tuple[str, str]]:
+    """check_layout for a ModelConfig: its expert count, and the heads and MLP width of each tower."""
+    problems = check_layout(world_size, tp=tp, ep=ep, num_experts=model.num_experts, num_heads=model.num_heads,
+                            mlp_dim=model.mlp_dim, dense=model.num_experts is None)
+    if model.text_tower is not None and not problems:
+        problems = check_layout(world_size, tp=tp, ep=ep, num_heads=model.text_tower.num_heads,
+                                mlp_dim=model.text_tower.mlp_dim, key="model.text_tower")
+    return problems
+
+
 def check_layout(world_size: int, *, tp: int, ep: int, num_experts: int | None = None, num_heads: int | None = None,
-                 mlp_dim: int | None = None, dense: bool = False) -> list[tuple[str, str]]:
+                 mlp_dim: int | None = None, dense: bool = False, key: str = "model") -> list[tuple[str, str]]:
     """Why this layout cannot run, as (config key, message with the fix) pairs; empty = it can.
 
     Every divisibility rule of the stack, stated once: world = tp x dp, ep | dp, ep | experts,
@@ -91,7 +101,7 @@ def check_layout(world_size: int, *, tp: int, ep: int, num_experts: int | None =
     for what, n in (("num_heads", num_heads), ("mlp_dim", mlp_dim)):
         if n is not None and n % tp:
             problems.append(("parallel.tensor_parallel_size",
-                             f"tp={tp} does not divide model.{what}={n}; use a divisor of {n}"))
+                             f"tp={tp} does not divide {key}.{what}={n}; use a divisor of {n}"))
     return problems
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from limoe_ds.config.model import ModelConfig
-from limoe_ds.parallel.layout import check_layout, format_problems
+from limoe_ds.parallel.layout import check_model_layout, format_problems
 from limoe_ds.moe.names import is_expert
 from limoe_ds.parallel.tp_plan import tp_partition
 
@@ -74,9 +74,7 @@ def param_split(cfg: ModelConfig) -> dict[str, int]:
 def estimate(cfg: ModelConfig, *, tp: int, ep: int, dp: int, zero_stage: int = 2, bf16: bool = True,
              micro_batch: int = 64, activation_checkpointing: bool = True) -> MemoryEstimate:
     world = tp * dp
-    E = cfg.moe.num_experts if cfg.moe else 1
-    problems = check_layout(world, tp=tp, ep=ep, num_experts=E if cfg.moe else None, num_heads=cfg.num_heads,
-                            mlp_dim=cfg.mlp_dim, dense=cfg.moe is None)
+    problems = check_model_layout(world, tp=tp, ep=ep, model=cfg)
     if zero_stage not in (0, 1, 2):
         problems.append(("zero_optimization.stage", f"ZeRO stage {zero_stage} is not supported (0, 1 or 2)"))
     if problems:
@@ -109,14 +107,22 @@ def estimate(cfg: ModelConfig, *, tp: int, ep: int, dp: int, zero_stage: int = 2
 
 
 def _activation_bytes(cfg: ModelConfig, tp: int, micro_batch: int, w_bytes: int, checkpointing: bool) -> float:
-    h, m = cfg.width, cfg.mlp_dim
-    cf = cfg.moe.capacity_factor if cfg.moe else 1.0
-    tokens = micro_batch * (cfg.num_patches + cfg.text_len)
+    """The one tower carries every image and text token; two towers each carry their modality's."""
+    if cfg.text_tower is None:
+        return _tower_activation_bytes(cfg, micro_batch * (cfg.num_patches + cfg.text_len), tp, w_bytes, checkpointing)
+    return (_tower_activation_bytes(cfg, micro_batch * cfg.num_patches, tp, w_bytes, checkpointing)
+            + _tower_activation_bytes(cfg.text_tower, micro_batch * cfg.text_len, tp, w_bytes, checkpointing))
+
+
+def _tower_activation_bytes(tower, tokens: int, tp: int, w_bytes: int, checkpointing: bool) -> float:
+    h, m = tower.width, tower.mlp_dim
+    cf = tower.moe.capacity_factor if tower.moe else 1.0
     attention = 4 * h + 8 * h / tp
-    per_block = [attention + (6 * h + cf * (4 * h + 4 * m) / tp if cfg.is_moe_layer(i) else 4 * h + 4 * m / tp)
-                 for i in range(cfg.depth)]
+    per_block = [attention + (6 * h + cf * (4 * h + 4 * m) / tp if tower.moe and i in tower.moe.layers
+                              else 4 * h + 4 * m / tp)
+                 for i in range(tower.depth)]
     if checkpointing:
-        per_token = cfg.depth * h + max(per_block)
+        per_token = tower.depth * h + max(per_block)
     else:
         per_token = sum(per_block)
     return tokens * per_token * w_bytes

@@ -134,7 +134,7 @@ class Trainer:
         cfg = self.cfg
         val_loader = self._loader(train=False) if cfg.data.val is not None else None
         return Evaluator(val_loader, [load_zeroshot_set(z) for z in cfg.eval.zero_shot], self.tokenizer, self.layout,
-                         cfg.eval.max_batches, figures=cfg.logging.tensorboard and cfg.model.moe is not None,
+                         cfg.eval.max_batches, figures=cfg.logging.tensorboard and cfg.model.any_moe is not None,
                          compositional_sets=[compositional_set(c, cfg.eval.compositional_scenes)
                                              for c in cfg.eval.compositional])
 
