@@ -69,31 +69,6 @@ def test_resume_refuses_to_switch_the_loss(tmp_path):
 
 
 # ---- the real entry point --------------------------------------------------------------------------------
-@pytest.mark.integration  # the deepspeed launcher (_launch)
-def test_sigmoid_run_trains_resumes_exports_and_evaluates(tmp_path):
-    """2 ranks, expert parallelism 2, the ring form: the bias learns, a resume from step 4
-    continues bitwise, the export holds the bias and loads, tools/evaluate.py reproduces the run's
-    final held-out sigmoid loss."""
-    steps, sig = 8, ["train.loss=sigmoid", "train.loss_impl=ring"]
-    full = _launch(tmp_path / "full", steps, sig)
-    out, _ = full.communicate(timeout=600)
-    assert full.returncode == 0, out[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    bias = [r["train/logit_bias"] for r in rows if "train/logit_bias" in r]
-    assert len(bias) == steps and bias[-1] != -10.0
-    ckpt4 = tmp_path / "full" / "checkpoints" / "step00000004"
-    resumed = _launch(tmp_path / "resumed", steps, [*sig, "--resume", str(ckpt4)])
-    out, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, out[-3000:]
-    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
-    assert sorted(b) == list(range(5, steps + 1)) and [a[s] for s in b] == [b[s] for s in b]
-
-    ckpt8 = tmp_path / "full" / "checkpoints" / f"step{steps:08d}"
-    loaded, got = _export_and_evaluate(ckpt8, tmp_path, rows)
-    assert loaded.model.cfg.logit_bias_init == -10.0 and loaded.logit_bias == pytest.approx(bias[-1], abs=1e-6)
-    assert got["dropless/val/contrastive"] > 0  # in-batch (test below: it is the sigmoid loss)
-
-
 def _export_and_evaluate(ckpt, tmp_path, rows):
     """Export ``ckpt`` (it must load with load_pretrained and hold the consolidated weights bit for
     bit) and evaluate it on one rank with every expert (tools/evaluate.py), which must give the
@@ -323,34 +298,43 @@ def test_two_tower_config_errors_name_the_key(sets, message):
 
 
 @pytest.mark.integration  # the deepspeed launcher (_launch)
-def test_two_tower_grad_cached_run_trains_resumes_exports_and_evaluates(tmp_path):
-    """tiny-2t on 2 ranks with expert parallelism 2 (both towers sparse), with gradient caching
-    (gradient_accumulation_steps=2: each step one loss over 2 micro-batches of 32; the loader's
-    batch is 64 per rank): a resume from step 4 continues bitwise (the RNG states the recompute
-    replays live within a step); the export loads; tools/evaluate.py on one rank gives the run's
-    zero-shot numbers; tools/analyze_experts.py names each layer's tower."""
+def test_family_run_trains_resumes_exports_and_evaluates(tmp_path):
+    """The members composed, through the real entry point on 2 ranks with expert parallelism 2:
+    the two-tower twin tiny-2t (both towers sparse), the sigmoid loss in its ring form, gradient
+    caching (gradient_accumulation_steps=2: one loss over 2 micro-batches of 32; the loader's
+    batch is 64 per rank). The bias learns; a resume from step 4 continues bitwise (the RNG states
+    the recompute replays live within a step); the export holds the text tower and the bias and
+    loads; tools/evaluate.py on one rank gives the run's zero-shot numbers;
+    tools/analyze_experts.py names each layer's tower. (One launch pair for all three: each
+    launch costs ~25 s of the suite's budget.)"""
     steps = 8
-    two = ["model.preset=tiny-2t", "ds.gradient_accumulation_steps=2", "ds.train_micro_batch_size_per_gpu=32",
-           "ds.train_batch_size=128"]
-    full = _launch(tmp_path / "full", steps, two)
+    fam = ["model.preset=tiny-2t", "train.loss=sigmoid", "train.loss_impl=ring", "ds.gradient_accumulation_steps=2",
+           "ds.train_micro_batch_size_per_gpu=32", "ds.train_batch_size=128"]
+    full = _launch(tmp_path / "full", steps, fam)
     out, _ = full.communicate(timeout=600)
     assert full.returncode == 0, out[-3000:]
     resolved = json.loads((tmp_path / "full" / "resolved_config.json").read_text())
     assert resolved["gradient_accumulation_steps"] == 2 and resolved["limoe"]["model"]["text_tower"]["depth"] == 4
-    resumed = _launch(tmp_path / "resumed", steps, [*two, "--resume", str(tmp_path / "full" / "checkpoints" /
-                                                                           "step00000004")])
+    assert resolved["limoe"]["train"]["loss"] == "sigmoid"
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    bias = [r["train/logit_bias"] for r in rows if "train/logit_bias" in r]
+    assert len(bias) == steps and bias[-1] != -10.0
+    assert any("routing/layer7/text/success_rate" in r for r in rows)
+    resumed = _launch(tmp_path / "resumed", steps, [*fam, "eval.zero_shot=[]", "--resume",  # its losses only
+                                                    str(tmp_path / "full" / "checkpoints" / "step00000004")])
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
-    assert sorted(b) == list(range(5, steps + 1)) and [a[s] for s in b] == [b[s] for s in b]
-    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    assert any("routing/layer7/text/success_rate" in r for r in rows)
+    assert sorted(a) == list(range(1, steps + 1)) and sorted(b) == list(range(5, steps + 1))
+    assert [a[s] for s in b] == [b[s] for s in b]
 
     sys.path.insert(0, str(ROOT / "tools"))
     import analyze_experts
     ckpt8 = tmp_path / "full" / "checkpoints" / f"step{steps:08d}"
-    loaded, _ = _export_and_evaluate(ckpt8, tmp_path, rows)
+    loaded, got = _export_and_evaluate(ckpt8, tmp_path, rows)
     assert loaded.cfg.two_tower and len(loaded.model.text_tower.blocks) == 4
+    assert loaded.model.cfg.logit_bias_init == -10.0 and loaded.logit_bias == pytest.approx(bias[-1], abs=1e-6)
+    assert got["dropless/val/contrastive"] > 0  # in-batch (test_held_out_loss_of_a_sigmoid_model_...)
     assert analyze_experts.main(["--checkpoint", str(ckpt8), "--out", str(tmp_path / "experts"),
                                  "--set", "eval.max_batches=1"]) == 0
     report = json.loads((tmp_path / "experts" / "report.json").read_text())
