@@ -72,13 +72,18 @@ def gathered_contrastive_loss(image_emb_BK: torch.Tensor, text_emb_BK: torch.Ten
 SIGMOID_IMPLS = ("all_gather", "ring")
 
 
-def _sigmoid_terms(logits_BC: torch.Tensor, diagonal: bool) -> torch.Tensor:
-    """sum_ij -log sigmoid(z_ij * l_ij), z = +1 on the matching pairs (the diagonal when the
-    captions are this rank's own), -1 elsewhere."""
-    signs = -torch.ones_like(logits_BC)
-    if diagonal:
-        signs.diagonal().fill_(1.0)
-    return -F.logsigmoid(signs * logits_BC).sum()
+def _pair_signs(like_BC: torch.Tensor, first: int | None) -> torch.Tensor:
+    """z_ij: +1 where image i meets its own caption, column ``first + i`` (None: none of these
+    captions is a match), -1 elsewhere."""
+    signs = -torch.ones_like(like_BC)
+    if first is not None:
+        signs[:, first:first + like_BC.shape[0]].diagonal().fill_(1.0)
+    return signs
+
+
+def _sigmoid_terms(logits_BC: torch.Tensor, first: int | None) -> torch.Tensor:
+    """sum_ij -log sigmoid(z_ij * l_ij), z from _pair_signs."""
+    return -F.logsigmoid(_pair_signs(logits_BC, first) * logits_BC).sum()
 
 
 def sigmoid_loss(image_emb_BK: torch.Tensor, text_emb_BK: torch.Tensor, logit_scale: torch.Tensor,
@@ -90,7 +95,7 @@ def sigmoid_loss(image_emb_BK: torch.Tensor, text_emb_BK: torch.Tensor, logit_sc
     so a rank needs no other rank's logits. Computed in float32 whatever the embeddings' dtype.
     """
     logits_BB = logit_scale.float() * image_emb_BK.float() @ text_emb_BK.float().t() + logit_bias.float()
-    return _sigmoid_terms(logits_BB, diagonal=True) / image_emb_BK.shape[0]
+    return _sigmoid_terms(logits_BB, first=0) / image_emb_BK.shape[0]
 
 
 def _exchange(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
@@ -129,7 +134,7 @@ class _SigmoidRing(torch.autograd.Function):
         ctx.save_for_backward(img_BK, txt_BK, scale, bias)
         total, chunk = img_BK.new_zeros(()), txt_BK
         for hop in range(world):
-            total = total + _sigmoid_terms(scale * img_BK @ chunk.t() + bias, diagonal=hop == 0)
+            total = total + _sigmoid_terms(scale * img_BK @ chunk.t() + bias, first=0 if hop == 0 else None)
             if hop < world - 1:
                 (chunk,) = _exchange([chunk], group)
         return total / img_BK.shape[0]
@@ -142,9 +147,7 @@ class _SigmoidRing(torch.autograd.Function):
         chunk, d_chunk = txt_BK, torch.zeros_like(txt_BK)
         for hop in range(ctx.world):
             sims_BB = img_BK @ chunk.t()
-            signs = -torch.ones_like(sims_BB)
-            if hop == 0:
-                signs.diagonal().fill_(1.0)
+            signs = _pair_signs(sims_BB, 0 if hop == 0 else None)
             # d/dl of -log sigmoid(z l) = -z sigmoid(-z l)
             d_logits = -signs * torch.sigmoid(-signs * (scale * sims_BB + bias)) * g
             d_bias += d_logits.sum()
@@ -179,10 +182,7 @@ def gathered_sigmoid_loss(image_emb_BK: torch.Tensor, text_emb_BK: torch.Tensor,
         return _SigmoidRing.apply(img, txt, scale, bias, group)
     all_txt = _GatherWithGrad.apply(txt, group)
     B, rank = img.shape[0], dist.get_rank(group)
-    logits_BN = scale * img @ all_txt.t() + bias
-    signs = -torch.ones_like(logits_BN)
-    signs[:, rank * B:(rank + 1) * B].diagonal().fill_(1.0)
-    return -F.logsigmoid(signs * logits_BN).sum() / B
+    return _sigmoid_terms(scale * img @ all_txt.t() + bias, first=rank * B) / B
 
 
 # ---- the loss a model trains with ------------------------------------------------------------------------

@@ -94,6 +94,20 @@ class MoEConfig:
         return math.log(self.global_entropy_min_experts[modality])
 
 
+def _check_heads(width: int, num_heads: int, prefix: str) -> None:
+    _check(width % num_heads == 0, f"{prefix}.num_heads", f"width {width} is not divisible by num_heads {num_heads}")
+
+
+def _check_moe_layers(moe: MoEConfig | None, depth: int, prefix: str) -> None:
+    if moe is not None:
+        bad = [i for i in moe.layers if not 0 <= i < depth]
+        _check(not bad, f"{prefix}.moe.layers", f"block indices {bad} are outside [0, depth={depth})")
+
+
+def _is_moe_layer(moe: MoEConfig | None, index: int) -> bool:
+    return moe is not None and index in moe.layers
+
+
 @dataclass(kw_only=True)
 class TowerConfig:
     """The text tower of a two-tower model (``model.text_tower``): its own blocks, width, depth and
@@ -112,12 +126,12 @@ class TowerConfig:
         for key in ("width", "depth", "mlp_dim", "num_heads"):
             v = getattr(self, key)
             _check(v > 0, f"model.text_tower.{key}", f"must be > 0, got {v!r}")
-        _check(self.width % self.num_heads == 0, "model.text_tower.num_heads",
-               f"width {self.width} is not divisible by num_heads {self.num_heads}")
-        if self.moe is not None:
-            bad = [i for i in self.moe.layers if not 0 <= i < self.depth]
-            _check(not bad, "model.text_tower.moe.layers",
-                   f"block indices {bad} are outside [0, depth={self.depth})")
+        _check_heads(self.width, self.num_heads, "model.text_tower")
+        _check_moe_layers(self.moe, self.depth, "model.text_tower")
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Block ``index`` of this tower is a MoE layer."""
+        return _is_moe_layer(self.moe, index)
 
 
 @dataclass(kw_only=True)
@@ -160,8 +174,7 @@ class ModelConfig:
                     "text_len", "vocab_size"):
             v = getattr(self, key)
             _check(v > 0, f"model.{key}", f"must be > 0, got {v!r}")
-        _check(self.width % self.num_heads == 0, "model.num_heads",
-               f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        _check_heads(self.width, self.num_heads, "model")
         _check(self.image_size % self.patch_size == 0, "model.image_size",
                f"{self.image_size} is not divisible by patch_size {self.patch_size}; "
                f"use a multiple such as {self.image_size // self.patch_size * self.patch_size or self.patch_size}")
@@ -171,9 +184,7 @@ class ModelConfig:
                "must be >= 1 and <= temperature_max")
         if self.embed_dim is None:
             self.embed_dim = self.width
-        if self.moe is not None:
-            bad = [i for i in self.moe.layers if not 0 <= i < self.depth]
-            _check(not bad, "model.moe.layers", f"block indices {bad} are outside [0, depth={self.depth})")
+        _check_moe_layers(self.moe, self.depth, "model")
         if isinstance(self.text_tower, Mapping):
             self.text_tower = TowerConfig(**self.text_tower)
         t = self.text_tower
@@ -216,7 +227,8 @@ class ModelConfig:
         return (self.image_size // self.patch_size) ** 2
 
     def is_moe_layer(self, index: int) -> bool:
-        return self.moe is not None and index in self.moe.layers
+        """Block ``index`` of the one tower (or the image tower) is a MoE layer."""
+        return _is_moe_layer(self.moe, index)
 
     def dense_twin(self) -> "ModelConfig":
         """Same model with every MoE layer replaced by a dense FFN of the same per-token compute."""

@@ -80,7 +80,7 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(tower.width)
         self.attn = Attention(tower.width, tower.num_heads)
         self.ln2 = nn.LayerNorm(tower.width)
-        self.is_moe = tower.moe is not None and index in tower.moe.layers
+        self.is_moe = tower.is_moe_layer(index)
         self.ffn = (LIMoELayer(tower.width, tower.mlp_dim, tower.moe, ep_size=ep_size, index=self.index)
                     if self.is_moe else MLP(tower.width, tower.mlp_dim))
 

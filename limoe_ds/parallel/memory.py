@@ -118,8 +118,7 @@ def _tower_activation_bytes(tower, tokens: int, tp: int, w_bytes: int, checkpoin
     h, m = tower.width, tower.mlp_dim
     cf = tower.moe.capacity_factor if tower.moe else 1.0
     attention = 4 * h + 8 * h / tp
-    per_block = [attention + (6 * h + cf * (4 * h + 4 * m) / tp if tower.moe and i in tower.moe.layers
-                              else 4 * h + 4 * m / tp)
+    per_block = [attention + (6 * h + cf * (4 * h + 4 * m) / tp if tower.is_moe_layer(i) else 4 * h + 4 * m / tp)
                  for i in range(tower.depth)]
     if checkpointing:
         per_token = tower.depth * h + max(per_block)

@@ -179,7 +179,6 @@ def grad_cached_step(engine, batch: dict[str, torch.Tensor], loss_impl: str = "a
             routing = out.routing if routing is None else [a.merged(b) for a, b in zip(routing, out.routing)]
             if passes is not None:
                 passes.append(out)
-    end_state = _rng_state(device)
     bias = model.logit_bias
     cache = CachedEmbeddings(torch.cat(img).requires_grad_(), torch.cat(txt).requires_grad_(),
                              model.logit_scale.detach()[0].exp().requires_grad_(),
@@ -205,7 +204,7 @@ def grad_cached_step(engine, batch: dict[str, torch.Tensor], loss_impl: str = "a
                 surrogate = surrogate + out.logit_bias.float() * cache.logit_bias.grad
         engine.backward(surrogate + sum(out.aux_losses.values()) / k, scale_wrt_gas=False)
         engine.step()  # DeepSpeed steps the optimizer at the k-th (the accumulation boundary)
-    _set_rng_state(end_state, device)  # where one pass over the batch leaves it (the recompute replays)
+    # the RNG is now where the first pass left it: the last recompute replayed the last micro-batch
     engine.module.clamp_logit_scale_()
     total, contr, *aux = torch.stack([loss, contrastive.detach(), *aux_total.values()]).tolist()
     return StepResult(False, total, contr, dict(zip(aux_total, aux)), routing)
