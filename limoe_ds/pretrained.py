@@ -12,7 +12,7 @@
 No process group, no engine: the MoE layers route dropless (every token reaches its expert,
 whatever the batch), so an embedding does not depend on what else is in the batch. The exported
 directory is written by ``tools/convert_checkpoint.py export`` (model.safetensors, config.json,
-tokenizer.json).
+tokenizer.json). ``load_image_tower`` starts a LiT run's image tower from one (limoe_ds.model.lit).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
         if not (path / f).is_file():
             raise FileNotFoundError(f"{path / f} is missing: not an exported limoe_ds model "
                                     f"(make one with tools/convert_checkpoint.py export)")
-    _verify_export(path)
+    verify_export(path)
     cfg = config_from_dict(json.loads((path / "config.json").read_text()))
     model = build_model(cfg, device="meta")
     from limoe_ds.checkpoint.format import CheckpointError
@@ -109,7 +109,39 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
     return Pretrained(model, Tokenizer.from_file(str(path / "tokenizer.json")))
 
 
-def _verify_export(path: Path) -> None:
+def load_image_tower(model, path: str | os.PathLike) -> int:
+    """Copy the export at ``path`` into ``model``'s image tower (before tensor parallelism: full
+    weights; an expert-parallel rank takes its own experts). Returns the number of values copied.
+    The export's checksums are verified first; a missing or differently shaped tensor is a
+    CheckpointError naming it."""
+    from safetensors import safe_open
+    from limoe_ds.checkpoint.format import CheckpointError
+    from limoe_ds.model.lit import is_image_tower
+    from limoe_ds.moe.names import global_expert_name
+    path = Path(path)
+    verify_export(path)
+    cfg = model.cfg
+    num_local = cfg.num_experts // model.ep_size if cfg.num_experts else 1
+    copied = 0
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f, torch.no_grad():
+        keys = set(f.keys())
+        for name, p in model.named_parameters():
+            if not is_image_tower(name):
+                continue
+            gname = global_expert_name(name, model.ep_rank, num_local)
+            if gname not in keys:
+                raise CheckpointError(f"{path}: has no {gname}; its image tower does not match model's "
+                                      f"(train.image_tower.init)")
+            value = f.get_tensor(gname)
+            if tuple(value.shape) != tuple(p.shape):
+                raise CheckpointError(f"{path}: {gname} is {tuple(value.shape)}, the configured image tower's is "
+                                      f"{tuple(p.shape)} (train.image_tower.init)")
+            p.copy_(value)
+            copied += value.numel()
+    return copied
+
+
+def verify_export(path: Path) -> None:
     """The weights' size and checksum against limoe_export.json (exports made before checksums
     were recorded are read as they are, with a note)."""
     import sys

@@ -139,7 +139,7 @@ def _set(raw: dict, key: str, value: Any) -> None:
         elif isinstance(child, (str, list)) and tok in ("train", "val"):
             child = {"path": child}
         elif not isinstance(child, dict):
-            child = {}
+            child = {"init": "x"} if tok == "image_tower" else {}  # its one required field
         node[tok] = child
         node = child
     node[tokens[-1].strip("[]") if not tokens[-1].startswith("[") else int(tokens[-1][1:-1])] = value
@@ -252,7 +252,7 @@ def test_to_dict_keeps_the_stored_keys_and_resolves_again():
 NEW_FIELDS = {"limoe.train.watchdog_seconds": 600.0, "limoe.data.train[0].synthetic": None,
               "limoe.data.val.synthetic": None, "limoe.eval.compositional": [], "limoe.eval.compositional_scenes": 1000,
               "limoe.train.loss": "softmax", "limoe.train.loss_impl": "all_gather", "limoe.model.logit_bias_init": None,
-              "limoe.model.text_tower": None}
+              "limoe.model.text_tower": None, "limoe.train.image_tower": None}
 """Config fields added after tests/assets/legacy was written (dotted key in to_dict() -> default)."""
 
 

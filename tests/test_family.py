@@ -149,6 +149,36 @@ def test_sigmoid_gpu_configs_are_their_preset_with_the_sigmoid_loss(name, world)
         run_config.load(ROOT / "ds_configs" / f"{name}_sigmoid.json", world_size=world // 2, check_paths=False)
 
 
+@pytest.mark.parametrize("name,world", GPU)
+def test_lit_gpu_configs_are_the_two_tower_config_with_a_locked_image_tower(name, world, tmp_path):
+    """ds_configs/NAME_lit.json: NAME_2t.json with its image tower from the export of a NAME_2t run
+    (exports/NAME_2t), locked; validated for its cluster, and against an export of the right
+    shape (and refused against one of another preset)."""
+    two = json.loads((ROOT / "ds_configs" / f"{name}_2t.json").read_text())
+    lit_raw = json.loads((ROOT / "ds_configs" / f"{name}_lit.json").read_text())
+    train = lit_raw["limoe"]["train"]
+    assert train.pop("image_tower") == {"init": f"exports/{name}_2t", "lock": True, "unlocked_groups": 0,
+                                        "dropless": False}
+    assert train.pop("run_dir") == f"runs/{name}_lit"
+    two["limoe"]["train"].pop("run_dir")
+    assert lit_raw == two
+    cfg = run_config.load(ROOT / "ds_configs" / f"{name}_lit.json", world_size=world, check_paths=False)
+    assert cfg.train.image_tower.lock and cfg.model.two_tower
+    raw = json.loads((ROOT / "ds_configs" / f"{name}_lit.json").read_text())
+    config_only = tmp_path / "export"  # the shape check reads config.json only (no weights loaded here)
+    config_only.mkdir()
+    (config_only / "model.safetensors").write_bytes(b"")
+    other = {"s32": "b16", "b16": "s32", "l16": "b16", "h14": "l16"}[name]
+    for preset, ok in ((f"{name}-2t", True), (f"{other}-2t", False)):
+        (config_only / "config.json").write_text(json.dumps(run_config.model_config({"preset": preset}).to_dict()))
+        raw["limoe"]["train"]["image_tower"]["init"] = str(config_only)
+        if ok:
+            run_config.check_image_tower(run_config.resolve(raw, world_size=world, check_paths=False), True)
+        else:
+            with pytest.raises(ConfigError, match="train.image_tower.init: .*: its "):
+                run_config.check_image_tower(run_config.resolve(raw, world_size=world, check_paths=False), True)
+
+
 # ---- gradient caching ------------------------------------------------------------------------------------
 def _cache_model_cfg(loss: str):
     import dataclasses
@@ -341,3 +371,118 @@ def test_family_run_trains_resumes_exports_and_evaluates(tmp_path):
     assert report["towers"] == {"layer1": "image", "layer3": "image", "layer5": "text", "layer7": "text"}
     assert {p.name for p in (tmp_path / "experts").glob("patches_layer*.png")} == {"patches_layer1.png",
                                                                                    "patches_layer3.png"}
+
+
+# ---- LiT: a locked image tower from an export ---------------------------------------------------------
+def _fake_export(out, preset: str = "tiny-2t", seed: int = 7, **model_sets):
+    """An exported directory as tools/convert_checkpoint.py writes one (weights, config, tokenizer,
+    checksums) of a freshly initialised ``preset``: a LiT source without a training run."""
+    import shutil
+    from safetensors.torch import save_file
+    from limoe_ds.checkpoint import integrity
+    from limoe_ds.model import build_model
+    from test_train import MINI
+    cfg = run_config.model_config({"preset": preset, **model_sets})
+    model = build_model(cfg, seed=seed)
+    out.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(cfg.to_dict()))
+    shutil.copyfile(MINI / "tokenizer.json", out / "tokenizer.json")
+    (out / "limoe_export.json").write_text(json.dumps(
+        {"files": {"model.safetensors": integrity.file_entry(out / "model.safetensors")}}))
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["train.image_tower=EXPORT"], "train.image_tower: needs a two-tower model"),
+    (["model.preset=tiny-2t", "train.image_tower=EXPORT", "model.width=64", "model.mlp_dim=128",
+      "model.num_heads=2"], "train.image_tower.init: EXPORT: its width is 128, model.width is 64; the image"),
+    (["model.preset=tiny-2t", "train.image_tower=EXPORT", "model.moe.num_experts=8",
+      "model.text_tower.moe.num_experts=8"],
+     "its image tower has 4 experts per MoE layer, the configured one 8"),
+    (["model.preset=tiny-2t", "train.image_tower=EXPORT", "model.moe.layers=[3]"],
+     "its MoE layers are blocks [1, 3], the configured image tower's are [3]"),
+    (["model.preset=tiny-2t", "train.image_tower={init: EXPORT, unlocked_groups: 7}"],
+     "train.image_tower.unlocked_groups: the image tower has 6 groups"),
+    (["model.preset=tiny-2t", "train.image_tower={init: EXPORT, lock: false, dropless: true}"],
+     "train.image_tower: unlocked_groups and dropless apply to a locked tower"),
+    (["model.preset=tiny-2t-dense", "train.image_tower={init: EXPORT, dropless: true}"],
+     "train.image_tower.dropless: the image tower has no MoE layers"),
+    (["model.preset=tiny-2t", "train.image_tower=/nonexistent"], "train.image_tower.init: '/nonexistent' is not an "
+                                                                 "exported model"),
+])
+def test_lit_config_errors_name_the_mismatch(tmp_path, sets, message):
+    _fake_export(tmp_path / "export")
+    sets = [s.replace("EXPORT", str(tmp_path / "export")) for s in sets]
+    with pytest.raises(ConfigError) as e:
+        _resolve(*sets)
+    assert message.replace("EXPORT", str(tmp_path / "export")) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_lit_groups_lock_the_image_tower_and_leave_the_text_tower():
+    from limoe_ds.model import build_model, lit
+    from limoe_ds.train.engine import param_groups
+    init = run_config.ImageTowerInit(init="x", unlocked_groups=2)
+    model = build_model(_resolve("model.preset=tiny-2t").model)
+    locked = set(lit.lock_image_tower(model, init))
+    names = {n for n, _ in model.named_parameters()}
+    # the last 2 groups (block 3 + final norm, pooling + head) stay trainable; so does the text side
+    assert locked == {n for n in names if n.startswith(("patch_embed.", "image_pos", "blocks.0.", "blocks.1.",
+                                                        "blocks.2."))}
+    assert any(n.startswith("blocks.1.ffn.deepspeed_moe.experts.") for n in locked)
+    in_groups = {id(p) for g in param_groups(model) for p in g["params"]}
+    assert {n for n, p in model.named_parameters() if id(p) in in_groups} == names - locked
+    whole = run_config.ImageTowerInit(init="x")
+    assert lit.locked_prefixes(model.cfg, whole) == ("patch_embed.", "image_pos", "blocks.0.", "blocks.1.", "blocks.2.",
+                                                     "blocks.3.", "final_ln.", "image_pool.", "image_head.")
+
+
+@pytest.mark.integration  # the deepspeed launcher (_launch)
+def test_lit_runs_resumes_reshards_and_exports(tmp_path):
+    """LiT through the real entry point on 2 ranks, EP=2: tiny-2t's image tower from an export,
+    locked (all but its head group: unlocked_groups=1) and routing dropless, with a DENSE text
+    tower, so that no trainable parameter is an expert (DeepSpeed's ZeRO needs
+    compat.zero_without_expert_groups). After 4 steps the locked weights are the export's bit for
+    bit and the rest changed; the ZeRO shards hold moments for the trainable parameters only; a
+    resume from step 2 continues bitwise; reshard to EP=1 keeps the lock (no moments for it, the
+    same weights); the export holds the locked tower as it came in."""
+    from limoe_ds.checkpoint.convert import read_full_state
+    from limoe_ds.checkpoint.reshard import reshard
+    from limoe_ds.moe.names import is_expert
+    source = _fake_export(tmp_path / "source", **{"text_tower": {"moe": None}})
+    sets = ["model.preset=tiny-2t", "model.text_tower.moe=null", "train.save_every=2", "eval.zero_shot=[]",
+            f"train.image_tower={{init: {tmp_path / 'source'}, unlocked_groups: 1, dropless: true}}"]
+    full = _launch(tmp_path / "full", 4, sets)
+    out, _ = full.communicate(timeout=600)
+    assert full.returncode == 0, out[-3000:]
+    assert "image tower locked:" in out and "MoE layers dropless" in out
+    ckpt = tmp_path / "full" / "checkpoints" / "step00000004"
+    state = read_full_state(ckpt)
+    locked = {n for n in source if n.startswith(("patch_embed.", "image_pos", "blocks.", "final_ln."))}
+    assert state.locked == locked and any(is_expert(n) for n in locked)
+    for n in locked:
+        assert torch.equal(state.weights[n], source[n]), n
+    for n in set(source) - locked:
+        assert not torch.equal(state.weights[n], source[n]), n  # the text tower, heads, temperature learned
+    # Adam's moments for exactly the trainable parameters: none for the locked tower
+    assert set(state.exp_avg) == set(source) - locked
+    step2 = tmp_path / "full" / "checkpoints" / "step00000002"
+    resumed = _launch(tmp_path / "resumed", 4, [*sets, "--resume", str(step2)])
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert sorted(b) == [3, 4] and [a[s] for s in b] == [b[s] for s in b]
+
+    reshard(ckpt, tmp_path / "ep1", tp=1, ep=1, world=2)
+    moved = read_full_state(tmp_path / "ep1" / "step00000004")
+    assert moved.locked == locked and set(moved.exp_avg) == set(state.exp_avg)
+    for n, v in state.weights.items():
+        assert torch.equal(moved.weights[n], v), n
+    for n, v in state.exp_avg.items():
+        assert torch.equal(moved.exp_avg[n], v), n
+    sys.path.insert(0, str(ROOT / "tools"))
+    import convert_checkpoint as convert_tool
+    from limoe_ds import load_pretrained
+    assert convert_tool.main(["export", str(ckpt), str(tmp_path / "export")]) == 0
+    exported = load_pretrained(tmp_path / "export").model.state_dict()
+    assert all(torch.equal(exported[n], source[n]) for n in locked)

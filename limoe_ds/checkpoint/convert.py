@@ -47,8 +47,9 @@ class FullState:
     """A checkpoint without its layout: names as in a single-device model (tp=1, ep=1)."""
 
     weights: dict[str, torch.Tensor]
-    """fp32 master weights."""
+    """fp32 master weights (a locked parameter's: its module weight, in the run's dtype, as float32)."""
     exp_avg: dict[str, torch.Tensor]
+    """Adam's moments of the trained parameters; a locked one (``locked``) has none."""
     exp_avg_sq: dict[str, torch.Tensor]
     adam_step: dict[str, int]
     """Adam's step count per parameter (per optimizer group in DeepSpeed)."""
@@ -62,6 +63,9 @@ class FullState:
     optimizer_template: dict[str, Any]
     """The base optimizer's per-group hyperparameters and non-partition state (e.g. Adam's step),
     from rank 0's shard: what a resharded optimizer is given before its moments are filled in."""
+    locked: frozenset[str] = frozenset()
+    """The parameters a locked image tower keeps out of the optimizer (train.image_tower,
+    limoe_ds.model.lit): read from the module state, without moments."""
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -126,7 +130,9 @@ def read_full_state(ckpt_dir: str | os.PathLike, keep: Callable[[str], bool] | N
     num_local = model_cfg.num_experts // layout.ep if model_cfg.num_experts else 1
     read = _zero0_parts if stage == 0 else _zero12_parts
     # per lane: dense parameters (tp shards, local names); experts by global name
-    lane_parts, experts, adam_step, template = read(ckpt_dir, lanes, layout, model_cfg, num_local, keep)
+    prefixes = _locked_prefixes(cfg, model_cfg)
+    lane_parts, experts, adam_step, template = read(ckpt_dir, lanes, layout, model_cfg, num_local, keep, prefixes)
+    locked = _locked_names(model_cfg, prefixes, keep)
 
     weights, exp_avg, exp_avg_sq = {}, {}, {}
     for name in lane_parts[0]:
@@ -136,18 +142,65 @@ def read_full_state(ckpt_dir: str | os.PathLike, keep: Callable[[str], bool] | N
             out[name] = parts[0] if split is None else tp_unshard(parts, *split)
     for name, values in experts.items():
         weights[name], exp_avg[name], exp_avg_sq[name] = values["fp32"], values["exp_avg"], values["exp_avg_sq"]
+    weights.update(_locked_weights(ckpt_dir, lanes, layout, model_cfg, locked))
     _check_against_config(weights, model_cfg, ckpt_dir, keep)
     return FullState(weights, exp_avg, exp_avg_sq, adam_step, int(marker["step"]), cfg, layout,
                      lr_scheduler=lanes[0].get("lr_scheduler"),
                      global_steps=int(lanes[0].get("global_steps", marker["step"])),
-                     optimizer_template=template)
+                     optimizer_template=template, locked=frozenset(locked))
+
+
+def _locked_prefixes(cfg: dict[str, Any], model_cfg) -> tuple[str, ...]:
+    """The name prefixes the run's train.image_tower locks (limoe_ds.model.lit), () for none."""
+    from limoe_ds.config import typed
+    from limoe_ds.config.run import ImageTowerInit
+    from limoe_ds.model import lit
+    init = typed.convert(ImageTowerInit | None, cfg["limoe"].get("train", {}).get("image_tower"), "train.image_tower")
+    return lit.locked_prefixes(model_cfg, init)
+
+
+def _locked_names(model_cfg, prefixes: tuple[str, ...], keep: Callable[[str], bool] | None) -> list[str]:
+    """Single-device names of the locked parameters (those ``keep`` keeps)."""
+    from limoe_ds.model import build_model, lit
+    if not prefixes:
+        return []
+    return [n for n, _ in build_model(model_cfg, device="meta").named_parameters()
+            if lit.is_locked(n, prefixes) and (keep is None or keep(n))]
+
+
+def _moe_layer_numbers(model) -> dict[str, int]:
+    """An MoE layer's name prefix ('blocks.1.ffn.') -> its number in model order (DeepSpeed's
+    per-expert checkpoint files, layer_L_expert_X, count them so)."""
+    heads = [parts[0] for n, _ in model.named_parameters() if (parts := split_expert_name(n)) is not None]
+    return {h: i for i, h in enumerate(dict.fromkeys(heads))}
+
+
+def _locked_weights(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg,
+                    locked: list[str]) -> dict[str, torch.Tensor]:
+    """A locked parameter is in no optimizer group: its value is the module's (DeepSpeed saves every
+    module parameter), dense ones per tensor-parallel lane in mp_rank_TT, experts in their files."""
+    if not locked:
+        return {}
+    from limoe_ds.model import build_model
+    moe_layer = _moe_layer_numbers(build_model(model_cfg, device="meta"))
+    cache: dict[Path, dict] = {}
+    out = {}
+    for name in locked:
+        if is_expert(name):
+            out[name] = _zero0_module_weight(ckpt_dir, lanes[0], name, 0, moe_layer, cache).float().clone()
+            continue
+        parts = [_zero0_module_weight(ckpt_dir, lanes[t], name, t, moe_layer, cache).float() for t in range(layout.tp)]
+        split = tp_partition(name) if layout.tp > 1 else None
+        out[name] = parts[0].clone() if split is None else tp_unshard(parts, *split)
+    return out
 
 
 Parts = dict[str, dict[str, torch.Tensor]]
 
 
 def _zero12_parts(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg, num_local: int,
-                  keep: Callable[[str], bool] | None) -> tuple[list[Parts], Parts, dict[str, int], dict]:
+                  keep: Callable[[str], bool] | None, locked: tuple[str, ...]
+                  ) -> tuple[list[Parts], Parts, dict[str, int], dict]:
     """ZeRO 1/2: every rank's file holds its flat partition of every optimizer group."""
     files = {r: fmt.zero_states(ckpt_dir, r // layout.tp, r % layout.tp) for r in range(layout.world_size)}
     shards = {r: _load(f)["optimizer_state_dict"] for r, f in files.items()}
@@ -205,24 +258,26 @@ def _zero12_parts(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg, 
 
 
 def _zero0_parts(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg, num_local: int,
-                 keep: Callable[[str], bool] | None) -> tuple[list[Parts], Parts, dict[str, int], None]:
+                 keep: Callable[[str], bool] | None, locked: tuple[str, ...]
+                 ) -> tuple[list[Parts], Parts, dict[str, int], None]:
     """ZeRO 0: DeepSpeed writes one whole (unpartitioned) optimizer state per expert-parallel rank and
     tp lane, ``expp_rank_E_mp_rank_TT_optim_states.pt``: torch's state_dict numbering the parameters
     in the order of our optimizer groups (engine.param_groups, rebuilt here on the meta device); the
     fp32 master is the module itself (fp32 runs: mp_rank_TT / layer_L_expert_X files) or the
     optimizer's ``fp32_groups`` (bf16 runs). Dense parameters come from ep rank 0, experts from tp lane 0."""
     from limoe_ds.train.engine import param_groups
-    from limoe_ds.model import build_model
+    from limoe_ds.model import build_model, lit
     lane_parts: list[Parts] = [{} for _ in range(layout.tp)]
     experts: Parts = {}
     adam_step: dict[str, int] = {}
     expert_files: dict[Path, dict] = {}
     # local names and their order are the same on every ep rank (experts numbered 0..num_local-1)
     model = build_model(model_cfg, device="meta", ep_size=layout.ep, ep_rank=0)
+    for n, p in model.named_parameters():  # a locked parameter is in no group (train.engine.param_groups)
+        p.requires_grad_(not lit.is_locked(n, locked))
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for group in param_groups(model) for p in group["params"]]
-    heads = [parts[0] for n in names.values() if (parts := split_expert_name(n)) is not None]
-    moe_layer = {h: i for i, h in enumerate(dict.fromkeys(heads))}
+    moe_layer = _moe_layer_numbers(model)
     for e in range(layout.ep):
         for t in range(layout.tp):
             path = fmt.zero0_states(ckpt_dir, e, t)

@@ -74,7 +74,7 @@ def reshard_rank(rank: int, world: int, src: str, out: str, tp: int, ep: int) ->
     from limoe_ds import parallel
     from limoe_ds.config import run as run_config
     from limoe_ds.train.engine import build_engine
-    from limoe_ds.model import build_model
+    from limoe_ds.model import build_model, lit
     src_dir, out_root = Path(src), Path(out)
     marker = checkpoint.read_marker(src_dir, "checkpoint")
     cfg = run_config.resolve(resharded_config(marker, tp=tp, ep=ep, world=world), world_size=world, check_paths=False)
@@ -94,9 +94,12 @@ def reshard_rank(rank: int, world: int, src: str, out: str, tp: int, ep: int) ->
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(local(state.weights, name))
+    lit.lock_image_tower(model, cfg.train.image_tower)  # a locked parameter: a module weight, no optimizer state
     engine, _ = build_engine(model, cfg.deepspeed)
     compat.prepare_adam_state_for_fill(engine, state.optimizer_template)
     for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
         safe_set_full_fp32_param(p, local(state.weights, name))
         safe_set_full_optimizer_state(p, local(state.exp_avg, name), "exp_avg")
         safe_set_full_optimizer_state(p, local(state.exp_avg_sq, name), "exp_avg_sq")

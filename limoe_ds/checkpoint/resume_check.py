@@ -26,6 +26,8 @@ prefix, DeepSpeed's keys as they are written in the JSON):
   files under another spelling of the path are fine), ``data.seed``, ``data.shuffle_buffer``,
   ``data.num_workers`` (readers per rank, counted as ``max(1, n)``), ``data.caption_key`` /
   ``data.image_key``; ``tokenizer`` (a file with other contents; the same contents elsewhere are fine).
+* refused, the optimizer state holds the saved trainable parameters: ``train.image_tower`` (LiT's lock,
+  ``lock``, ``unlocked_groups``); its ``init`` (the checkpoint holds the tower) and ``dropless`` are allowed.
 * allowed and logged: ``train.steps`` (and the schedule's ``total_num_steps`` derived from it),
   ``train.run_dir`` (resume another run's checkpoint into a new directory), ``save_every``,
   ``keep_last``, ``log_every``, ``max_consecutive_nonfinite``, ``activation_checkpointing``;
@@ -62,6 +64,10 @@ RULES: list[tuple[str, str, str]] = [
     # (key pattern, policy, why); first match wins
     ("train.seed", REFUSE, "it seeds the initialisation and router noise, which the checkpoint restores: "
                            "the new seed would have no effect"),
+    ("train.image_tower.init", ALLOW, ""),  # the checkpoint holds the tower: the export only checks its shape
+    ("train.image_tower.dropless", ALLOW, ""),  # how the locked tower routes
+    ("train.image_tower*", REFUSE, "the optimizer state holds the saved run's trainable parameters: a locked "
+                                   "one has none"),
     ("train.*", ALLOW, ""),
     ("eval.*", ALLOW, ""),
     ("logging.*", ALLOW, ""),

@@ -243,3 +243,34 @@ def zero0_clipping_problem(ds_config: dict, ep: int) -> str | None:
         return ("stage 0 with gradient_clipping and expert_parallel_size > 1 clips by a wrong gradient norm in "
                 "DeepSpeed 0.19.8 (it averages per-rank norms); use stage 1 or 2, or gradient_clipping 0")
     return None
+
+
+@contextlib.contextmanager
+def zero_without_expert_groups(has_expert_group: bool):
+    """While DeepSpeed builds a ZeRO 1/2 optimizer for a model with MoE layers whose experts are all
+    frozen (a locked sparse image tower with a dense text tower, train.image_tower): no group holds
+    experts.
+
+    DeepSpeed 0.19.8's ``DeepSpeedZeroOptimizer._configure_moe_settings`` asserts that some optimizer
+    group is an MoE group whenever the model has MoE layers (found: LiT from a sparse export with a
+    dense text tower stopped on that assertion). The engine must still see the MoE layers (they
+    save their experts in the per-expert checkpoint files), so instead the check is skipped when no
+    group is MoE: every group is then dense (``is_moe_param_group`` all False), which is what the
+    rest of the optimizer reads. Test: tests/test_family.py::test_lit_runs_resumes_reshards_and_exports."""
+    if has_expert_group:
+        yield
+        return
+    deepspeed()
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    original = DeepSpeedZeroOptimizer._configure_moe_settings
+
+    def configure(self):
+        if any(self.is_moe_group(g) for g in self.optimizer.param_groups):
+            return original(self)
+        self.is_moe_param_group = [False] * len(self.optimizer.param_groups)
+
+    DeepSpeedZeroOptimizer._configure_moe_settings = configure
+    try:
+        yield
+    finally:
+        DeepSpeedZeroOptimizer._configure_moe_settings = original

@@ -55,6 +55,42 @@ SIGMOID_BIAS_INIT = -10.0  # SigLIP's b at initialisation (big_vision, vmoe's co
 
 
 @dataclass(kw_only=True)
+class ImageTowerInit:
+    """``train.image_tower``: start the image tower from an exported model and, LiT-style (Zhai et
+    al. 2022, open_clip's ``--lock-image``), lock it: its parameters get no gradient, no optimizer
+    state and no weight decay, and stay bitwise as exported. A path alone means ``{"init": path}``."""
+
+    init: str
+    """An exported directory (tools/convert_checkpoint.py export) of a one- or two-tower model whose
+    image tower (patch and position embedding, blocks, final norm, pooling, image head) has the
+    configured image tower's shape: width, depth, heads, MLP, patches, embed_dim, experts, MoE layers."""
+    lock: bool = True
+    """Lock the image tower (False: only initialise it from ``init``, then train it)."""
+    unlocked_groups: int = 0
+    """With ``lock``: the last N of the tower's groups stay trainable (open_clip's
+    ``--lock-image-unlocked-groups``). The groups, first to last: the embeddings (patch, position),
+    blocks 0 .. depth-2, the last block with the final norm, the pooling with the image head."""
+    dropless: bool = False
+    """With ``lock``: the locked tower's MoE layers route dropless and without router noise, as
+    ``load_pretrained`` does (each image's embedding is independent of its batch; compute varies per
+    batch). Default false: they route at the configured capacity with noise, as in its training."""
+
+    expects = "a path (an exported directory) or a mapping with 'init'"
+    check_key = "train.image_tower"
+
+    @classmethod
+    def shorthand(cls, value: Any) -> Any:
+        return {"init": value} if isinstance(value, str) else value
+
+    def __post_init__(self) -> None:
+        _check(bool(self.init), "train.image_tower.init", "must be an exported directory")
+        _check(self.unlocked_groups >= 0, "train.image_tower.unlocked_groups",
+               f"must be >= 0, got {self.unlocked_groups}")
+        _check(self.lock or (self.unlocked_groups == 0 and not self.dropless), "train.image_tower",
+               "unlocked_groups and dropless apply to a locked tower; set lock=true or drop them")
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     steps: int
     """Optimizer steps to train for (the LR schedule's length too)."""
@@ -77,6 +113,9 @@ class TrainConfig:
     loss_impl: str = "all_gather"
     """How the sigmoid loss reaches the other ranks' captions: 'all_gather' (B x W*B logits per
     rank) or 'ring' (the captions travel rank to rank, B x B at a time). Both exact."""
+    image_tower: ImageTowerInit | None = None
+    """Start the image tower from an export and lock it (LiT); two-tower models only. None = train
+    from scratch."""
     watchdog_seconds: float = 600.0
     """A rank with no progress for this long (a hung data read, a stuck collective) ends the run
     with one error line naming its rank, step and wait (exit status 70); building the run, loading
@@ -317,6 +356,7 @@ def resolve(raw: dict[str, Any], *, world_size: int, check_paths: bool = True) -
                             typed.convert(annotations[f.name], block[f.name], f.name))
     cfg = RunConfig(**sections, deepspeed=raw)
     _check_loss(cfg)
+    check_image_tower(cfg, check_paths)
     ds_keys.check(raw)
     train, parallel = cfg.train, cfg.parallel
     _check_layout(cfg, world_size)
@@ -338,6 +378,57 @@ def _check_loss(cfg: RunConfig) -> None:
         return
     _check(cfg.model.logit_bias_init is None, "model.logit_bias_init",
            f"is the sigmoid loss's bias, but train.loss is {cfg.train.loss!r}; set train.loss=sigmoid or drop it")
+
+
+IMAGE_TOWER_KEYS = ("image_size", "patch_size", "channels", "width", "depth", "num_heads", "mlp_dim", "pooling",
+                    "embed_dim")
+"""The model fields that shape the image tower's parameters (with its experts and MoE layers)."""
+
+
+def check_image_tower(cfg: RunConfig, check_paths: bool) -> None:
+    """LiT needs two towers (a one-tower model's blocks also encode the text) and an export whose
+    image tower has the configured shape: one line naming the first mismatch, before any process
+    group starts."""
+    init = cfg.train.image_tower
+    if init is None:
+        return
+    _check(cfg.model.two_tower, "train.image_tower",
+           "needs a two-tower model (model.text_tower, e.g. model.preset=tiny-2t): in one tower the blocks "
+           "encode the text too")
+    groups = cfg.model.depth + 2
+    _check(init.unlocked_groups <= groups, "train.image_tower.unlocked_groups",
+           f"the image tower has {groups} groups (embeddings, {cfg.model.depth - 1} blocks, last block + norm, "
+           f"pooling + head), got {init.unlocked_groups}")
+    _check(not init.dropless or cfg.model.moe is not None, "train.image_tower.dropless",
+           "the image tower has no MoE layers to route dropless")
+    if not check_paths:
+        return
+    config_json = Path(init.init, "config.json")
+    _check(config_json.is_file() and Path(init.init, "model.safetensors").is_file(), "train.image_tower.init",
+           f"{init.init!r} is not an exported model (no config.json and model.safetensors); make one with "
+           f"tools/convert_checkpoint.py export")
+    try:
+        src = model_config(json.loads(config_json.read_text()))
+    except (ValueError, ConfigError) as e:
+        raise ConfigError(f"train.image_tower.init: {config_json} is not a model config ({e})") from None
+    problem = image_tower_mismatch(src, cfg.model)
+    _check(problem is None, "train.image_tower.init", f"{init.init}: {problem}; the image tower must match the export")
+
+
+def image_tower_mismatch(src: ModelConfig, want: ModelConfig) -> str | None:
+    """The first difference between two models' image towers that changes a parameter's shape."""
+    for k in IMAGE_TOWER_KEYS:
+        a, b = getattr(src, k), getattr(want, k)
+        if a != b:
+            return f"its {k} is {a!r}, model.{k} is {b!r}"
+    experts = [m.num_experts if m is not None else None for m in (src.moe, want.moe)]
+    if experts[0] != experts[1]:
+        return (f"its image tower has {experts[0] or 'no'} experts per MoE layer, the configured one "
+                f"{experts[1] or 'none'}")
+    layers = [[i for i in range(c.depth) if c.is_moe_layer(i)] for c in (src, want)]
+    if layers[0] != layers[1]:
+        return f"its MoE layers are blocks {layers[0]}, the configured image tower's are {layers[1]}"
+    return None
 
 
 def _check_layout(cfg: RunConfig, world_size: int) -> None:

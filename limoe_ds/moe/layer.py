@@ -101,6 +101,9 @@ class LIMoELayer(MoE):
                              f"size {ep_size}; choose an ep size that divides it")
         self.cfg, self.index = cfg, index
         self.capacity_multiple_of = cfg.capacity_multiple_of
+        self.frozen_dropless = False
+        """A locked tower's layer (``train.image_tower.dropless``): routes as in evaluation, dropless
+        and without router noise, in training mode too."""
         compat.init_moe_fields(self, ep_size=ep_size, num_experts=cfg.num_experts)
         experts = Experts(MLP(width, mlp_dim), self.num_local_experts, self.expert_group_name)
         self.deepspeed_moe = MOELayer(LIMoEGate(width, cfg), experts, self.expert_group_name,
@@ -110,7 +113,14 @@ class LIMoELayer(MoE):
     def gate(self) -> LIMoEGate:
         return self.deepspeed_moe.gate
 
+    @property
+    def routes_training(self) -> bool:
+        """Training-mode routing (router noise, the training capacity); not in a frozen dropless layer."""
+        return self.training and not self.frozen_dropless
+
     def capacity_factor(self, capacity_factor=CONFIGURED) -> float | None:
+        if self.frozen_dropless and self.training:
+            return None
         if capacity_factor is CONFIGURED:
             return self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
         return capacity_factor
@@ -131,12 +141,12 @@ class LIMoELayer(MoE):
 
         Every rank of the expert-parallel group must use the same C for the all-to-all. In training
         C comes from the static slot count (equal micro-batches), so no communication. In evaluation
-        batches can differ (the last one) and dropless C is the largest load: take the MAX over the
-        group.
+        batches can differ (the last one; a frozen dropless layer's loads too) and dropless C is the
+        largest load: take the MAX over the group.
         """
         m = self.capacity_multiple_of
         capacity = -(-(routing.max_load() if static is None else static) // m) * m
-        if not self.training and self.gate.ep_group is not None:
+        if not self.routes_training and self.gate.ep_group is not None:
             capacity = max_over_ranks(capacity, self.gate.ep_group)
         return capacity
 
@@ -147,7 +157,7 @@ class LIMoELayer(MoE):
         E = self.cfg.num_experts
         logits_SE = F.linear(x_SD.float(), self.gate.wg.weight.float())
         noise_SE = None
-        if self.training and self.cfg.noise_std > 0:
+        if self.routes_training and self.cfg.noise_std > 0:
             noise_SE = torch.randn_like(logits_SE) * (self.cfg.noise_std / E)
         static = self.static_capacity(x_SD.shape[0], self.capacity_factor(capacity_factor))
         routing = route_top1(logits_SE, token_type_S, self.cfg, capacity=static, noise_NE=noise_SE)

@@ -52,10 +52,13 @@ NO_DECAY_PARAMS = ("logit_scale", "logit_bias", "token_embed.weight", "image_pos
 
 
 def weight_decay_split(model: LIMoEModel) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(decay, no_decay): no weight decay on norms, biases, embeddings, the temperature, MAP probes."""
+    """(decay, no_decay): no weight decay on norms, biases, embeddings, the temperature, MAP probes.
+    A parameter without ``requires_grad`` (a locked image tower, limoe_ds.model.lit) is in neither."""
     decay, no_decay = [], []
     for mod_name, mod in model.named_modules():
         for p_name, p in mod.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
             name = f"{mod_name}.{p_name}" if mod_name else p_name
             skip = (isinstance(mod, nn.LayerNorm) or p_name.endswith("bias") or name in NO_DECAY_PARAMS
                     or (isinstance(mod, MAPHead) and p_name == "probe"))
@@ -67,7 +70,9 @@ def param_groups(model: LIMoEModel) -> list[dict]:
     """Optimizer groups: decay / no_decay, then expert parameters split into DeepSpeed's MoE groups."""
     decay, no_decay = weight_decay_split(model)
     groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    return split_params_into_different_moe_groups_for_optimizer(groups)
+    groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    # a locked tower can empty a group (all of a tower's experts): DeepSpeed's ZeRO refuses empty groups
+    return [g for g in groups if g["params"]]
 
 
 def build_engine(model: LIMoEModel, ds_config: dict):
@@ -82,8 +87,10 @@ def build_engine(model: LIMoEModel, ds_config: dict):
                          f"tp={state.layout.tp}, ep={state.layout.ep}")
     if model.tp_degree > 1:
         compat.tag_experts_tensor_parallel(model, ds_config)
-    with compat.chatter_to_stderr(dist.get_rank() if dist.is_initialized() else 0):
-        engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=param_groups(model),
+    groups = param_groups(model)
+    with compat.chatter_to_stderr(dist.get_rank() if dist.is_initialized() else 0), \
+            compat.zero_without_expert_groups(any(g.get("moe") for g in groups) or not model.moe_layers()):
+        engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=groups,
                                                        config=ds_config, mpu=None if state is None else state.mpu)
     return engine, scheduler
 

@@ -22,7 +22,8 @@ from limoe_ds.checkpoint import io as checkpoint
 from limoe_ds.config.errors import ConfigError
 from limoe_ds.config.run import RunConfig
 from limoe_ds.data import Tokenizer, build_eval_loader, build_train_loader
-from limoe_ds.model import build_model
+from limoe_ds.model import build_model, lit
+from limoe_ds.pretrained import load_image_tower
 from limoe_ds.moe import stats
 from limoe_ds.parallel.collectives import mean_over_ranks, sum_over_ranks
 from limoe_ds.runtime.preemption import Preempted, StopFlag
@@ -110,8 +111,17 @@ class Trainer:
     # -- building -----------------------------------------------------------------------------------
     def _engine(self):
         cfg, layout = self.cfg, self.layout
-        model = parallel.parallelize(build_model(cfg.model, ep_size=layout.ep, ep_rank=layout.ep_rank,
-                                                 seed=cfg.train.seed), layout)
+        model = build_model(cfg.model, ep_size=layout.ep, ep_rank=layout.ep_rank, seed=cfg.train.seed)
+        init = cfg.train.image_tower
+        if init is not None:  # LiT: the image tower from an export (a resume then loads the checkpoint's)
+            n = load_image_tower(model, init.init)
+            log(f"image tower from {init.init} ({n:,} values on this rank)")
+        model = parallel.parallelize(model, layout)
+        locked = lit.lock_image_tower(model, init)
+        if locked:
+            log(f"image tower locked: {len(locked)} parameters without gradients or optimizer state"
+                + (f" (last {init.unlocked_groups} groups trainable)" if init.unlocked_groups else "")
+                + (", MoE layers dropless" if init.dropless else ""))
         if cfg.train.activation_checkpointing:
             model.activation_checkpointing = True
         # router noise: independent per data-parallel rank, identical on tensor-parallel peers (they

@@ -71,7 +71,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    expected = {"commit": commit, "sets": SMALL, "layouts": {}}
+    import torch
+    # the kernels' instruction set: the losses are bitwise on machines of the same one only
+    expected = {"commit": commit, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "sets": SMALL,
+                "layouts": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, layout in LAYOUTS.items():
             run_dir = Path(tmp) / name
