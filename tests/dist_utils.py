@@ -56,15 +56,16 @@ def run_ranks(fn, world: int, *args, timeout: float = 600) -> list:
         return results
 
 
-def data_parallel_average(loss: torch.Tensor, params: list) -> dict:
-    """{"loss", "grads"}: the loss and the parameters' gradients averaged over the ranks, as
-    DeepSpeed's data-parallel all-reduce leaves them (call after ``loss.backward()``)."""
+def data_parallel_average(loss: torch.Tensor, params: list, group=None) -> dict:
+    """{"loss", "grads"}: the loss and the parameters' gradients averaged over the ranks (of
+    ``group``, default all), as DeepSpeed's data-parallel all-reduce leaves them (call after
+    ``loss.backward()``)."""
     import torch.distributed as dist
-    world = dist.get_world_size()
+    world = dist.get_world_size(group)
     grads = [p.grad.clone() for p in params]
     for g in grads:
-        dist.all_reduce(g)
+        dist.all_reduce(g, group=group)
         g /= world
     mean_loss = loss.detach().clone()
-    dist.all_reduce(mean_loss)
+    dist.all_reduce(mean_loss, group=group)
     return {"loss": (mean_loss / world).item(), "grads": grads}

@@ -74,10 +74,12 @@ def test_gathered_contrastive_equals_single_process_on_concatenated_batch():
 
 
 # ---- every layout through the DeepSpeed engine ----------------------------------------------------------
-def _model_cfg():
+def _model_cfg(preset: str = "tiny"):
     from limoe_ds.config.model import get_preset
-    cfg = get_preset("tiny")
+    cfg = get_preset(preset)
     cfg.moe.capacity_factor = 1.0  # capacity-limited: drops happen, per routing pool, as in the reference
+    if cfg.text_tower is not None:
+        cfg.text_tower.moe.capacity_factor = 1.0
     return cfg
 
 
@@ -115,15 +117,17 @@ def _global_name(name: str, ep_rank: int, num_local: int) -> str:
                   lambda m: f"deepspeed_experts.{ep_rank * num_local + int(m.group(1))}.", name)
 
 
-# (tp, ep, ZeRO stage, gradient clipping) per world size. DeepSpeed's ZeRO-0 clipping is wrong
-# with sharded experts (it averages per-rank norms; run_config rejects that combination), so
-# ZeRO 0 runs without clipping there.
+# (tp, ep, ZeRO stage, gradient clipping, preset) per world size. DeepSpeed's ZeRO-0 clipping is
+# wrong with sharded experts (it averages per-rank norms; run_config rejects that combination), so
+# ZeRO 0 runs without clipping there. tiny-2t: the two-tower twin (both towers sparse) through
+# tensor and expert parallelism at once.
 LAYOUTS = {
-    2: [(2, 1, 0, 1.0), (2, 1, 1, 1.0), (2, 1, 2, 1.0),   # TP=2
-        (1, 2, 0, 0.0), (1, 2, 1, 1.0), (1, 2, 2, 1.0),   # EP=2
-        (1, 1, 0, 1.0), (1, 1, 2, 1.0)],                  # DP=2
-    4: [(2, 2, 0, 0.0), (2, 2, 1, 1.0), (2, 2, 2, 1.0),   # TP=2 x EP=2
-        (2, 1, 1, 1.0), (2, 1, 2, 1.0)],                  # TP=2 x DP=2
+    2: [(2, 1, 0, 1.0, "tiny"), (2, 1, 1, 1.0, "tiny"), (2, 1, 2, 1.0, "tiny"),   # TP=2
+        (1, 2, 0, 0.0, "tiny"), (1, 2, 1, 1.0, "tiny"), (1, 2, 2, 1.0, "tiny"),   # EP=2
+        (1, 1, 0, 1.0, "tiny"), (1, 1, 2, 1.0, "tiny")],                          # DP=2
+    4: [(2, 2, 0, 0.0, "tiny"), (2, 2, 1, 1.0, "tiny"), (2, 2, 2, 1.0, "tiny"),   # TP=2 x EP=2
+        (2, 1, 1, 1.0, "tiny"), (2, 1, 2, 1.0, "tiny"),                           # TP=2 x DP=2
+        (2, 2, 1, 1.0, "tiny-2t")],                                               # two towers, TP=2 x EP=2
 }
 CASES = [(world, *lay) for world, lays in LAYOUTS.items() for lay in lays]
 
@@ -136,9 +140,9 @@ def _layout_worker(rank, world, layouts):
     from limoe_ds.model import build_model
     import torch.distributed as dist
     from deepspeed.utils import groups as ds_groups
-    cfg = _model_cfg()
     results = {}
-    for tp, ep, stage, clip in layouts:
+    for tp, ep, stage, clip, preset in layouts:
+        cfg = _model_cfg(preset)
         layout = parallel.Layout(rank=rank, world_size=world, ep=ep, tp=tp)
         parallel.setup(layout)
         model = parallel.parallelize(build_model(cfg, ep_size=ep, ep_rank=layout.ep_rank, seed=0), layout)
@@ -172,7 +176,7 @@ def _layout_worker(rank, world, layouts):
                           "routing": _routing_tensors(out.routing)})
         params = {_global_name(n, layout.ep_rank, num_local): p.detach().clone()
                   for n, p in engine.module.named_parameters()}
-        results[(tp, ep, stage, clip)] = {"steps": steps, "params": params, "tp_rank": layout.tp_rank,
+        results[(tp, ep, stage, clip, preset)] = {"steps": steps, "params": params, "tp_rank": layout.tp_rank,
                                           "dp_rank": layout.dp_rank, "init": init, "tagged": tagged,
                                           "groups": groups, "layout": layout, "numel": numel,
                                           "fp32_partition": fp32_partition}
@@ -180,12 +184,12 @@ def _layout_worker(rank, world, layouts):
     return results
 
 
-def _reference(dp: int, clip: float):
+def _reference(dp: int, clip: float, preset: str):
     """One process holding the whole model; each data-parallel rank's micro-batch is its own routing pool."""
     from limoe_ds.train.engine import weight_decay_split
     from limoe_ds.losses import contrastive_loss
     from limoe_ds.model import build_model
-    cfg = _model_cfg()
+    cfg = _model_cfg(preset)
     model = build_model(cfg, seed=0)
     decay, no_decay = weight_decay_split(model)
     opt = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3,
@@ -218,7 +222,8 @@ def layout_results():
 
 @pytest.fixture(scope="module")
 def references():
-    return {(dp, clip): _reference(dp, clip) for dp, clip in {(w // tp, c) for w, tp, _, _, c in CASES}}
+    return {(dp, clip, preset): _reference(dp, clip, preset)
+            for dp, clip, preset in {(w // tp, c, m) for w, tp, _, _, c, m in CASES}}
 
 
 def _local(full: torch.Tensor, name: str, tp: int, tp_rank: int) -> torch.Tensor:
@@ -228,15 +233,15 @@ def _local(full: torch.Tensor, name: str, tp: int, tp_rank: int) -> torch.Tensor
     return full if split is None else tp_shard(full, *split, tp, tp_rank)
 
 
-def _name(world, tp, ep, stage, clip):
+def _name(world, tp, ep, stage, clip, preset):
     kind = " x ".join(f"{k}={v}" for k, v in (("TP", tp), ("EP", ep), ("DP", world // tp // ep)) if v > 1)
-    return f"{kind} ZeRO-{stage} clip={clip}"
+    return f"{kind} ZeRO-{stage} clip={clip}" + ("" if preset == "tiny" else f" {preset}")
 
 
-@pytest.mark.parametrize("world,tp,ep,stage,clip", CASES, ids=[_name(*c) for c in CASES])
-def test_layout_equals_single_process(layout_results, references, world, tp, ep, stage, clip):
-    key = (tp, ep, stage, clip)
-    ref_steps, ref_params = references[(world // tp, clip)]
+@pytest.mark.parametrize("world,tp,ep,stage,clip,preset", CASES, ids=[_name(*c) for c in CASES])
+def test_layout_equals_single_process(layout_results, references, world, tp, ep, stage, clip, preset):
+    key = (tp, ep, stage, clip, preset)
+    ref_steps, ref_params = references[(world // tp, clip, preset)]
     results = [res[key] for res in layout_results[world]]
     for step, want in enumerate(ref_steps):
         # a rank's loss is its local InfoNCE rows + its pool's aux; their mean is the global loss
@@ -256,12 +261,13 @@ def test_layout_equals_single_process(layout_results, references, world, tp, ep,
                                        msg=f"rank {rank} {name}")
 
 
-@pytest.mark.parametrize("world,tp,ep,stage,clip", [c for c in CASES if c[1] > 1],
+@pytest.mark.parametrize("world,tp,ep,stage,clip,preset", [c for c in CASES if c[1] > 1],
                          ids=[_name(*c) for c in CASES if c[1] > 1])
-def test_tensor_parallel_peers_route_identically_and_stay_in_sync(layout_results, world, tp, ep, stage, clip):
+def test_tensor_parallel_peers_route_identically_and_stay_in_sync(layout_results, world, tp, ep, stage, clip,
+                                                                 preset):
     from limoe_ds.parallel.tp_plan import tp_partition
     results = layout_results[world]
-    key = (tp, ep, stage, clip)
+    key = (tp, ep, stage, clip, preset)
     for a, b in zip(results[0::tp], results[1::tp]):  # ranks 2d and 2d+1 are tp peers
         ra, rb = a[key], b[key]
         assert ra["dp_rank"] == rb["dp_rank"] and (ra["tp_rank"], rb["tp_rank"]) == (0, 1)
@@ -277,7 +283,7 @@ def test_tensor_parallel_peers_route_identically_and_stay_in_sync(layout_results
 
 
 def test_expert_parallel_ranks_hold_disjoint_experts_and_identical_shared_params(layout_results):
-    key = (1, 2, 2, 1.0)
+    key = (1, 2, 2, 1.0, "tiny")
     p0, p1 = layout_results[2][0][key]["params"], layout_results[2][1][key]["params"]
     experts0 = {n for n in p0 if "deepspeed_experts" in n}
     experts1 = {n for n in p1 if "deepspeed_experts" in n}
@@ -286,15 +292,15 @@ def test_expert_parallel_ranks_hold_disjoint_experts_and_identical_shared_params
         assert torch.equal(p0[name], p1[name]), name
 
 
-@pytest.mark.parametrize("world,tp,ep,stage,clip", CASES, ids=[_name(*c) for c in CASES])
-def test_process_groups_and_initialisation(layout_results, world, tp, ep, stage, clip):
+@pytest.mark.parametrize("world,tp,ep,stage,clip,preset", CASES, ids=[_name(*c) for c in CASES])
+def test_process_groups_and_initialisation(layout_results, world, tp, ep, stage, clip, preset):
     """The groups DeepSpeed and megatron-core use are the layout's; the expert group is never a
     tensor-parallel group; every rank starts from its part of the same full model; megatron's
     split tags agree with tp_partition (used by init, consolidation and resharding)."""
     from limoe_ds.model import build_model
-    full = {n: p.detach() for n, p in build_model(_model_cfg(), seed=0).named_parameters()}
+    full = {n: p.detach() for n, p in build_model(_model_cfg(preset), seed=0).named_parameters()}
     for rank, res in enumerate(layout_results[world]):
-        run = res[(tp, ep, stage, clip)]
+        run = res[(tp, ep, stage, clip, preset)]
         lay = run["layout"]
         want = {"tp": lay.group_of(lay.tp_groups()), "dp": lay.group_of(lay.dp_groups()),
                 "ep": lay.group_of(lay.ep_groups()), "edp": lay.group_of(lay.expert_data_groups())}
@@ -306,14 +312,14 @@ def test_process_groups_and_initialisation(layout_results, world, tp, ep, stage,
         assert run["tagged"] == ({n: tp_partition(n) for n in full if tp_partition(n)} if tp > 1 else {})
 
 
-@pytest.mark.parametrize("world,tp,ep,stage,clip", [c for c in CASES if c[3] > 0],
+@pytest.mark.parametrize("world,tp,ep,stage,clip,preset", [c for c in CASES if c[3] > 0],
                          ids=[_name(*c) for c in CASES if c[3] > 0])
-def test_memory_estimator_counts_what_each_rank_holds(layout_results, world, tp, ep, stage, clip):
+def test_memory_estimator_counts_what_each_rank_holds(layout_results, world, tp, ep, stage, clip, preset):
     """tools/model_summary.py --layout: parameters per rank exactly; the fp32 master partition that
     ZeRO gives each rank (the optimizer state is 3x it) to within DeepSpeed's alignment padding."""
     from limoe_ds.parallel.memory import estimate
-    est = estimate(_model_cfg(), tp=tp, ep=ep, dp=world // tp, zero_stage=stage, bf16=False)
-    for run in (res[(tp, ep, stage, clip)] for res in layout_results[world]):
+    est = estimate(_model_cfg(preset), tp=tp, ep=ep, dp=world // tp, zero_stage=stage, bf16=False)
+    for run in (res[(tp, ep, stage, clip, preset)] for res in layout_results[world]):
         assert run["numel"] == est.params_per_rank
         edp = tp * (world // tp) // ep
         want = est.shared_params_per_rank / (world // tp) + est.expert_params_per_rank / edp

@@ -311,6 +311,24 @@ def test_two_tower_towers_differ_in_shape_and_sparsity():
     assert out.image_emb.shape == out.text_emb.shape == (2, 128)
 
 
+def test_two_tower_sparse_text_beside_a_dense_image_tower():
+    """The other way round: a dense image tower and a sparse text tower. Only the text tower's
+    layers route (numbered after the image tower's blocks), their pools hold text only, and the
+    per-modality losses of the absent modality are zero."""
+    from limoe_ds.model import build_model
+    cfg = _resolve("model.preset=tiny-2t", "model.moe=null").model
+    assert cfg.moe is None and cfg.text_tower.moe is not None and cfg.num_experts == 4
+    model = build_model(cfg)
+    assert [b.is_moe for b in model.blocks] == [False] * 4 and [layer.index for layer in model.moe_layers()] == [5, 7]
+    out = model(torch.rand(2, 3, 32, 32) * 2 - 1, torch.randint(1, 99, (2, 16)))
+    assert [s.layer for s in out.routing] == [5, 7] and out.routing and all(k.startswith(("moe/layer5/", "moe/layer7/"))
+                                                                           for k in out.aux_losses)
+    image_terms = [v for k, v in out.aux_losses.items() if "/image/" in k]
+    assert image_terms and all(v.item() == 0.0 for v in image_terms)
+    (out.image_emb.sum() + out.text_emb.sum() + sum(out.aux_losses.values())).backward()
+    assert all(p.grad is not None for p in model.text_tower.parameters())
+
+
 @pytest.mark.parametrize("sets,message", [
     (["model.text_tower={width: 64, depth: 2, mlp_dim: 256, num_heads: 3}"],
      "model.text_tower.num_heads: width 64 is not divisible by num_heads 3"),

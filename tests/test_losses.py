@@ -64,12 +64,12 @@ def test_pair_loss_follows_the_model_output():
 PER_RANK = 3
 
 
-def _problem(n: int):
+def _problem(n: int, seed: int = 1):
     torch.manual_seed(0)
     w_img, w_txt = torch.nn.Linear(8, 6), torch.nn.Linear(8, 6)
     t = torch.nn.Parameter(torch.tensor(math.log(10.0)))
     b = torch.nn.Parameter(torch.tensor(-10.0))
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     x_img, x_txt = torch.randn(n, 8, generator=gen), torch.randn(n, 8, generator=gen)
     x_txt[:n // 2] = x_img[:n // 2] @ torch.randn(8, 8, generator=gen) * 0.1  # some pairs are easy
     return w_img, w_txt, t, b, x_img, x_txt
@@ -117,3 +117,32 @@ def test_distributed_sigmoid_equals_single_process_on_concatenated_batch(world):
         saved[impl] = results[0]["saved_bytes"]
     # the ring keeps the local embeddings only; the gather keeps all W*B captions and B x W*B logits
     assert saved["ring"] < saved["all_gather"]
+
+
+def _subgroup_sigmoid_worker(rank, world, impl):
+    """As with tensor parallelism 2: the data-parallel groups are {0, 2} and {1, 3}, each with its
+    own ring (global peers, not group indices) and its own batch, both at once."""
+    import torch.distributed as dist
+    groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    group, lane = groups[rank % 2], rank % 2
+    dp_rank = dist.get_rank(group)
+    w_img, w_txt, t, b, x_img, x_txt = _problem(PER_RANK * 2, seed=1 + lane)
+    sl = slice(dp_rank * PER_RANK, (dp_rank + 1) * PER_RANK)
+    img = F.normalize(w_img(x_img[sl]), dim=-1)
+    txt = F.normalize(w_txt(x_txt[sl]), dim=-1)
+    loss = gathered_sigmoid_loss(img, txt, t.exp(), b, impl=impl, group=group)
+    loss.backward()
+    return {**data_parallel_average(loss, [w_img.weight, w_txt.weight, t, b], group=group), "lane": lane}
+
+
+@pytest.mark.integration
+def test_sigmoid_ring_over_data_parallel_subgroups():
+    for impl in ("all_gather", "ring"):
+        for res in run_ranks(_subgroup_sigmoid_worker, 4, impl):
+            w_img, w_txt, t, b, x_img, x_txt = _problem(PER_RANK * 2, seed=1 + res["lane"])
+            loss = sigmoid_loss(F.normalize(w_img(x_img), dim=-1), F.normalize(w_txt(x_txt), dim=-1), t.exp(), b)
+            loss.backward()
+            assert res["loss"] == pytest.approx(loss.item(), rel=1e-6), impl
+            for g, w in zip(res["grads"], (w_img.weight.grad, w_txt.weight.grad, t.grad, b.grad)):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7, msg=lambda m: f"{impl}: {m}")
+
