@@ -45,6 +45,30 @@ def reference_top1_assign(probs_NE, valid_N, capacity, *, batch_priority):
     return expert, position, kept
 
 
+def reference_top1_assign_budgets(probs_NE, token_type_N, capacity_M, *, batch_priority):
+    """Modality-aware capacity with Python loops: one fill counter per (expert, modality); a text
+    token's slot is after the expert's image budget. Returns lists (expert, position, kept)."""
+    N, E = probs_NE.shape
+    p = probs_NE.tolist()
+    types = token_type_N.tolist()
+    valid = [t != 0 for t in types]
+    expert = [max(range(E), key=lambda e: (p[i][e], -e)) if valid[i] else -1 for i in range(N)]
+    order = list(range(N))
+    if batch_priority:
+        order = sorted((i for i in range(N) if valid[i]), key=lambda i: -max(p[i]))
+    fill = {}
+    position, kept = [-1] * N, [False] * N
+    for i in order:
+        if not valid[i]:
+            continue
+        m = 1 if types[i] == 2 else 0  # TOKEN_TEXT = 2
+        rank = fill.get((expert[i], m), 0)
+        fill[(expert[i], m)] = rank + 1
+        position[i] = rank + (capacity_M[0] if m else 0)
+        kept[i] = rank < capacity_M[m]
+    return expert, position, kept
+
+
 def reference_moe(x_SD, type_S, gate_weight_ED, experts, capacity, *, batch_priority, noise_SE=None):
     """Loop over tokens and experts: y_i = p~_i[e_i] * expert_{e_i}(x_i) if token i kept, else 0."""
     logits = x_SD.float() @ gate_weight_ED.float().t()

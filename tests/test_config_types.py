@@ -252,7 +252,8 @@ def test_to_dict_keeps_the_stored_keys_and_resolves_again():
 NEW_FIELDS = {"limoe.train.watchdog_seconds": 600.0, "limoe.data.train[0].synthetic": None,
               "limoe.data.val.synthetic": None, "limoe.eval.compositional": [], "limoe.eval.compositional_scenes": 1000,
               "limoe.train.loss": "softmax", "limoe.train.loss_impl": "all_gather", "limoe.model.logit_bias_init": None,
-              "limoe.model.text_tower": None, "limoe.train.image_tower": None}
+              "limoe.model.text_tower": None, "limoe.train.image_tower": None,
+              "limoe.model.moe.modality_capacity": False}
 """Config fields added after tests/assets/legacy was written (dotted key in to_dict() -> default)."""
 
 

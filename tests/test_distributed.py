@@ -75,8 +75,12 @@ def test_gathered_contrastive_equals_single_process_on_concatenated_batch():
 
 # ---- every layout through the DeepSpeed engine ----------------------------------------------------------
 def _model_cfg(preset: str = "tiny"):
+    """A preset, capacity-limited; 'NAME+modality_capacity': with moe.modality_capacity on."""
     from limoe_ds.config.model import get_preset
+    preset, _, option = preset.partition("+")
     cfg = get_preset(preset)
+    if option:
+        setattr(cfg.moe, option, True)
     cfg.moe.capacity_factor = 1.0  # capacity-limited: drops happen, per routing pool, as in the reference
     if cfg.text_tower is not None:
         cfg.text_tower.moe.capacity_factor = 1.0
@@ -120,10 +124,11 @@ def _global_name(name: str, ep_rank: int, num_local: int) -> str:
 # (tp, ep, ZeRO stage, gradient clipping, preset) per world size. DeepSpeed's ZeRO-0 clipping is
 # wrong with sharded experts (it averages per-rank norms; run_config rejects that combination), so
 # ZeRO 0 runs without clipping there. tiny-2t: the two-tower twin (both towers sparse) through
-# tensor and expert parallelism at once.
+# tensor and expert parallelism at once; +modality_capacity: per-modality expert budgets.
 LAYOUTS = {
     2: [(2, 1, 0, 1.0, "tiny"), (2, 1, 1, 1.0, "tiny"), (2, 1, 2, 1.0, "tiny"),   # TP=2
         (1, 2, 0, 0.0, "tiny"), (1, 2, 1, 1.0, "tiny"), (1, 2, 2, 1.0, "tiny"),   # EP=2
+        (1, 2, 1, 1.0, "tiny+modality_capacity"),                                 # EP=2, per-modality budgets
         (1, 1, 0, 1.0, "tiny"), (1, 1, 2, 1.0, "tiny")],                          # DP=2
     4: [(2, 2, 0, 0.0, "tiny"), (2, 2, 1, 1.0, "tiny"), (2, 2, 2, 1.0, "tiny"),   # TP=2 x EP=2
         (2, 1, 1, 1.0, "tiny"), (2, 1, 2, 1.0, "tiny"),                           # TP=2 x DP=2

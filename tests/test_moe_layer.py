@@ -78,7 +78,7 @@ def test_dropped_and_padding_tokens_output_exactly_zero():
 
 def test_padding_changes_nothing_at_fixed_capacity():
     layer = _layer(noise_std=0.0)
-    layer.static_capacity = lambda num_slots, capacity_factor: 4  # fixed capacity for both pools
+    layer.static_capacity = lambda num_slots, capacity_factor, image_slots=None: 4  # fixed capacity for both pools
     x, types = _pool(30, seed=11, pad_frac=0.0)
     y, r, _ = layer(x, types)
     pad_x = torch.randn(12, D) * 10

@@ -7,9 +7,10 @@ import torch
 
 from limoe_ds.config.model import MoEConfig
 from limoe_ds.moe.routing import (TOKEN_IMAGE, TOKEN_PAD, TOKEN_TEXT, expert_capacity, load_loss, route_top1,
-                                  top1_assign, z_loss)
+                                  top1_assign, top1_assign_budgets, z_loss)
 
-from slow_reference import global_entropy_loss, importance_loss, local_entropy_loss, reference_top1_assign
+from slow_reference import (global_entropy_loss, importance_loss, local_entropy_loss, reference_top1_assign,
+                            reference_top1_assign_budgets)
 
 LOG2, LOG4 = math.log(2), math.log(4)
 
@@ -98,6 +99,67 @@ def test_vectorised_assign_equals_slow_reference(batch_priority):
         want = reference_top1_assign(probs, valid, capacity, batch_priority=batch_priority)
         for g, w, name in zip(got, want, ("expert", "position", "kept")):
             assert g.tolist() == w, f"trial {trial}: {name} differs (N={N}, E={E}, C={capacity})"
+
+
+# ---- modality-aware capacity (moe.modality_capacity) ---------------------------------------------------
+def test_modality_budgets_golden_text_keeps_its_slots():
+    """Four image patches sure of expert 0 (p .9) and two captions' tokens less sure (p .6): with one
+    shared buffer of 2 slots BPR gives both to image patches and drops the text; with budgets
+    (image 2, text 2) the text keeps its 2 slots, after the image budget (positions 2, 3)."""
+    probs = torch.tensor([[.9, .1]] * 4 + [[.6, .4]] * 2 + [[.7, .3]])
+    types = torch.tensor([TOKEN_IMAGE] * 4 + [TOKEN_TEXT] * 2 + [TOKEN_PAD])
+    _, _, shared = top1_assign(probs, types != TOKEN_PAD, 2, batch_priority=True)
+    assert shared.tolist() == [True, True, False, False, False, False, False]
+    expert, position, kept = top1_assign_budgets(probs, types, (2, 2), batch_priority=True)
+    assert expert.tolist() == [0, 0, 0, 0, 0, 0, -1]
+    assert position.tolist() == [0, 1, 2, 3, 2, 3, -1] and kept.tolist() == [True, True, False, False, True, True,
+                                                                             False]
+    # a zero budget drops every token of that modality, and only those
+    assert top1_assign_budgets(probs, types, (4, 0), batch_priority=True)[2].tolist() == [True] * 4 + [False] * 3
+
+
+@pytest.mark.parametrize("batch_priority", [True, False])
+def test_vectorised_budgets_equal_slow_reference(batch_priority):
+    gen = torch.Generator().manual_seed(4321)
+    for trial in range(300):
+        N = int(torch.randint(1, 40, (1,), generator=gen))
+        E = int(torch.randint(2, 9, (1,), generator=gen))
+        probs, _, _ = _random_case(gen, N, E)
+        types = torch.randint(0, 3, (N,), generator=gen)
+        budgets = tuple(int(c) for c in torch.randint(0, max(2, N // E + 2), (2,), generator=gen))
+        got = top1_assign_budgets(probs, types, budgets, batch_priority=batch_priority)
+        want = reference_top1_assign_budgets(probs, types, budgets, batch_priority=batch_priority)
+        for g, w, name in zip(got, want, ("expert", "position", "kept")):
+            assert g.tolist() == w, f"trial {trial}: {name} differs (N={N}, E={E}, budgets={budgets})"
+        # same expert choice as the shared buffer; a kept token's slot lies in its modality's budget
+        shared = top1_assign(probs, types != TOKEN_PAD, None, batch_priority=batch_priority)
+        assert got[0].tolist() == shared[0].tolist()
+        pos, kept, text = got[1], got[2], types == TOKEN_TEXT
+        assert bool(((pos < budgets[0]) | ~kept | text).all() and ((pos >= budgets[0]) | ~kept | ~text).all())
+
+
+def test_modality_capacity_layer_budgets_and_dispatch():
+    """The layer's budgets come from each modality's slots (text padding counted, so equal on every
+    expert-parallel rank); the buffer holds both; a dense pool with one modality has one budget;
+    the output of a kept token is its expert's, a dropped one's 0, as with the shared buffer."""
+    from limoe_ds.config.model import get_preset
+    from limoe_ds.moe.layer import LIMoELayer
+    cfg = get_preset("tiny").moe
+    cfg.modality_capacity = True
+    layer = LIMoELayer(16, 32, cfg)
+    assert layer.static_capacity(4 * 64 + 4 * 16, 1.0, image_slots=4 * 64) == (64, 16)
+    assert layer.static_capacity(4 * 16, 1.0, image_slots=0) == (0, 16)
+    assert layer.static_capacity(320, None, image_slots=256) is None  # dropless: no budgets
+    torch.manual_seed(0)
+    x = torch.randn(40, 16)
+    types = torch.tensor([TOKEN_IMAGE] * 24 + [TOKEN_TEXT] * 12 + [TOKEN_PAD] * 4)
+    layer.train()
+    y, routing, stats = layer(x, types, 0.5)
+    assert stats.capacity == sum(layer.static_capacity(40, 0.5, image_slots=24)) == 8  # (4, 4)
+    text_kept = routing.kept_N & (types == TOKEN_TEXT)
+    assert bool((routing.position_N[text_kept] >= 4).all()) and bool((y[~routing.kept_N] == 0).all())
+    counted = layer(x, types, 0.5)[2].capacity  # image slots counted from the token types: the same budgets
+    assert counted == stats.capacity
 
 
 # ---- auxiliary losses ----------------------------------------------------------------------------

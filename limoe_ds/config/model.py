@@ -46,6 +46,11 @@ class MoEConfig:
     """Capacity is rounded up to a multiple of this (DeepSpeed's TP split needs a multiple of tp)."""
     batch_priority: bool = True
     """Batch Priority Routing (V-MoE): highest router probability wins a buffer slot."""
+    modality_capacity: bool = False
+    """Modality-aware capacity: each expert's buffer is split into an image and a text budget,
+    C_m = ceil(cf * slots_m / E) from that modality's slots in the pool (text padding included),
+    so that image patches (~90% of a B/16 pool) can never take the slots text needs; BPR orders
+    tokens within each budget. False: one shared buffer of C = ceil(cf * slots / E) (LIMoE)."""
     noise_std: float = 1.0
     """sigma; the router adds N(0, (sigma/E)^2) to the logits in training (V-MoE). 0 disables."""
     importance_weight: float = 0.005

@@ -101,7 +101,7 @@ class Block(nn.Module):
         type_S = torch.cat([
             torch.full((B_i * I,), TOKEN_IMAGE, dtype=torch.long, device=pool_SD.device),
             torch.where(txt_valid_BT.reshape(-1), TOKEN_TEXT, TOKEN_PAD)])
-        y_SD, routing, stats = self.ffn(pool_SD, type_S, capacity_factor)
+        y_SD, routing, stats = self.ffn(pool_SD, type_S, capacity_factor, image_slots=B_i * I)
         y_img, y_txt = y_SD.split([B_i * I, B_t * T])
         return y_img.view(B_i, I, D), y_txt.view(B_t, T, D), routing, stats
 

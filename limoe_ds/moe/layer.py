@@ -21,7 +21,7 @@ from torch import nn
 
 from limoe_ds.compat import deepspeed as compat
 from limoe_ds.config.model import MoEConfig
-from limoe_ds.moe.routing import Routing, expert_capacity, route_top1
+from limoe_ds.moe.routing import TOKEN_IMAGE, Routing, expert_capacity, route_top1
 from limoe_ds.moe.stats import RoutingStats
 from limoe_ds.parallel.collectives import max_over_ranks
 
@@ -125,17 +125,25 @@ class LIMoELayer(MoE):
             return self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
         return capacity_factor
 
-    def static_capacity(self, num_slots: int, capacity_factor: float | None) -> int | None:
-        """Slots per expert from the pool's slot count (padding included), None = dropless.
+    def static_capacity(self, num_slots: int, capacity_factor: float | None, image_slots: int | None = None
+                        ) -> int | tuple[int, int] | None:
+        """Slots per expert from the pool's slot count (padding included), None = dropless; with
+        ``moe.modality_capacity`` the (image, text) budgets from each modality's slots
+        (``image_slots`` of the pool are image patches, the rest text positions; 0 for a modality
+        the pool does not hold).
 
         Counting padding slots keeps C identical on every expert-parallel rank for equal
         micro-batches, which the all-to-all needs, without communication.
         """
         if capacity_factor is None:
             return None
-        return expert_capacity(num_slots, self.cfg.num_experts, capacity_factor, multiple_of=self.capacity_multiple_of)
+        E, m = self.cfg.num_experts, self.capacity_multiple_of
+        if not self.cfg.modality_capacity:
+            return expert_capacity(num_slots, E, capacity_factor, multiple_of=m)
+        return tuple(expert_capacity(n, E, capacity_factor, multiple_of=m) if n else 0
+                     for n in (image_slots, num_slots - image_slots))
 
-    def capacity(self, static: int | None, routing: Routing) -> int:
+    def capacity(self, static: int | tuple[int, int] | None, routing: Routing) -> int:
         """THE capacity of this pass: the static one, or dropless the largest expert load, rounded up
         to the multiple DeepSpeed's tensor-parallel split needs.
 
@@ -145,27 +153,32 @@ class LIMoELayer(MoE):
         largest load: take the MAX over the group.
         """
         m = self.capacity_multiple_of
+        if isinstance(static, tuple):  # modality budgets, each a multiple of m: the buffer holds both
+            static = sum(static)
         capacity = -(-(routing.max_load() if static is None else static) // m) * m
         if not self.routes_training and self.gate.ep_group is not None:
             capacity = max_over_ranks(capacity, self.gate.ep_group)
         return capacity
 
-    def route(self, x_SD: torch.Tensor, token_type_S: torch.Tensor, capacity_factor=CONFIGURED
-              ) -> tuple[Routing, int]:
+    def route(self, x_SD: torch.Tensor, token_type_S: torch.Tensor, capacity_factor=CONFIGURED,
+              image_slots: int | None = None) -> tuple[Routing, int]:
         """The routing of the pool (router math in float32; V-MoE's noise N(0, (sigma/E)^2) in
-        training) and the capacity its dispatch uses."""
+        training) and the capacity its dispatch uses. ``image_slots``: how many of the pool's
+        slots are image patches (the block knows; counted from the token types if not given)."""
         E = self.cfg.num_experts
         logits_SE = F.linear(x_SD.float(), self.gate.wg.weight.float())
         noise_SE = None
         if self.routes_training and self.cfg.noise_std > 0:
             noise_SE = torch.randn_like(logits_SE) * (self.cfg.noise_std / E)
-        static = self.static_capacity(x_SD.shape[0], self.capacity_factor(capacity_factor))
+        if self.cfg.modality_capacity and image_slots is None:
+            image_slots = int((token_type_S == TOKEN_IMAGE).sum())
+        static = self.static_capacity(x_SD.shape[0], self.capacity_factor(capacity_factor), image_slots)
         routing = route_top1(logits_SE, token_type_S, self.cfg, capacity=static, noise_NE=noise_SE)
         return routing, self.capacity(static, routing)
 
-    def forward(self, x_SD: torch.Tensor, token_type_S: torch.Tensor, capacity_factor=CONFIGURED
-                ) -> tuple[torch.Tensor, Routing, RoutingStats]:
+    def forward(self, x_SD: torch.Tensor, token_type_S: torch.Tensor, capacity_factor=CONFIGURED,
+                image_slots: int | None = None) -> tuple[torch.Tensor, Routing, RoutingStats]:
         """Route the pool; dropped and padding tokens get exactly 0 (they pass on the residual)."""
-        routing, capacity = self.route(x_SD, token_type_S, capacity_factor)
+        routing, capacity = self.route(x_SD, token_type_S, capacity_factor, image_slots)
         y_SD = self.deepspeed_moe(x_SD, (routing, capacity))
         return y_SD, routing, RoutingStats.of(self.index, routing, capacity)

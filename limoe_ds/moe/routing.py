@@ -65,6 +65,36 @@ def top1_assign(probs_NE: torch.Tensor, valid_N: torch.Tensor, capacity: int | N
     return expert_N, position_N, kept_N
 
 
+def top1_assign_budgets(probs_NE: torch.Tensor, token_type_N: torch.Tensor, capacity_M: tuple[int, int], *,
+                        batch_priority: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``top1_assign`` with modality-aware capacity: each expert's buffer is an image budget of
+    capacity_M[0] slots followed by a text budget of capacity_M[1]; a token competes (in priority
+    order, BPR or token order) only with tokens of its own modality for its modality's budget, so
+    image patches can never take the slots text needs, nor the other way round. position = the
+    token's slot in the whole buffer (its rank among its expert's tokens of its modality, plus
+    capacity_M[0] for text); kept = rank < its budget. Same expert choice as top1_assign."""
+    N, E = probs_NE.shape
+    valid_N = token_type_N != TOKEN_PAD
+    priority_N, argmax_N = probs_NE.max(dim=-1)
+    expert_N = torch.where(valid_N, argmax_N, -1)
+    if batch_priority:
+        order_N = torch.sort(priority_N.masked_fill(~valid_N, -math.inf), descending=True, stable=True).indices
+    else:
+        order_N = torch.arange(N, device=probs_NE.device)
+    text_N = (token_type_N == TOKEN_TEXT).long()
+    # groups (expert, modality) -> 2e + m; padding forms group 2E
+    group_N = torch.where(valid_N, 2 * expert_N + text_N, 2 * E)[order_N]
+    perm_N = torch.sort(group_N, stable=True).indices
+    grouped_N = group_N[perm_N]
+    counts = torch.bincount(grouped_N, minlength=2 * E + 1)
+    rank_N = torch.arange(N, device=probs_NE.device) - (counts.cumsum(0) - counts)[grouped_N]
+    rank_N = torch.empty_like(rank_N).scatter_(0, order_N[perm_N], rank_N)
+    budget_N = torch.where(text_N.bool(), capacity_M[1], capacity_M[0])
+    kept_N = valid_N & (rank_N < budget_N)
+    position_N = torch.where(valid_N, rank_N + text_N * capacity_M[0], -1)
+    return expert_N, position_N, kept_N
+
+
 def _masked_mean(x_N: torch.Tensor, mask_N: torch.Tensor) -> torch.Tensor:
     """Mean over the masked entries; 0 (not NaN) when the mask is empty."""
     m = mask_N.to(x_N.dtype)
@@ -134,13 +164,14 @@ class Routing:
 
 
 def route_top1(logits_NE: torch.Tensor, token_type_N: torch.Tensor, cfg: MoEConfig, *,
-               capacity: int | None, noise_NE: torch.Tensor | None = None) -> Routing:
+               capacity: int | tuple[int, int] | None, noise_NE: torch.Tensor | None = None) -> Routing:
     """Route a pool of tokens (image and text together) to experts.
 
     logits_NE: router logits (float32 is required; the caller computes x W_r in float32).
     token_type_N: TOKEN_PAD / TOKEN_IMAGE / TOKEN_TEXT. capacity: slots per expert, None =
-    dropless (every token kept; ``Routing.max_load`` is what the buffers need). noise_NE: the
-    training noise added to the logits, None in eval.
+    dropless (every token kept; ``Routing.max_load`` is what the buffers need), or (image, text)
+    budgets per expert (``moe.modality_capacity``: top1_assign_budgets). noise_NE: the training
+    noise added to the logits, None in eval.
     """
     assert logits_NE.dtype == torch.float32, "router math must run in float32"
     valid_N = token_type_N != TOKEN_PAD
@@ -148,8 +179,12 @@ def route_top1(logits_NE: torch.Tensor, token_type_N: torch.Tensor, cfg: MoEConf
     probs_NE = torch.softmax(logits_NE, dim=-1)
     noisy_probs_NE = probs_NE if noise_NE is None else torch.softmax(noisy_logits_NE, dim=-1)
 
-    expert_N, position_N, kept_N = top1_assign(noisy_probs_NE.detach(), valid_N, capacity,
-                                               batch_priority=cfg.batch_priority)
+    if isinstance(capacity, tuple):
+        expert_N, position_N, kept_N = top1_assign_budgets(noisy_probs_NE.detach(), token_type_N, capacity,
+                                                           batch_priority=cfg.batch_priority)
+    else:
+        expert_N, position_N, kept_N = top1_assign(noisy_probs_NE.detach(), valid_N, capacity,
+                                                   batch_priority=cfg.batch_priority)
     gate_N = noisy_probs_NE.gather(1, expert_N.clamp(min=0)[:, None]).squeeze(1)
     combine_N = gate_N * kept_N.to(gate_N.dtype)
     aux, counts = _losses_and_stats(cfg, logits_NE, noisy_logits_NE, probs_NE, token_type_N, expert_N, kept_N,
