@@ -1,8 +1,8 @@
 """The contrastive family through the real entry point (issue 15): each member a configuration of
 the same code path, trained on 2 CPU ranks, resumed exactly, exported, loaded and evaluated.
 
-So far: the sigmoid loss (SigLIP, ``train.loss=sigmoid``) and gradient caching
-(``gradient_accumulation_steps`` > 1)."""
+The sigmoid loss (SigLIP, ``train.loss=sigmoid``), two towers (``model.text_tower``), LiT
+(``train.image_tower``) and gradient caching (``gradient_accumulation_steps`` > 1)."""
 
 from __future__ import annotations
 
