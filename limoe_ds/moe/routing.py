@@ -35,6 +35,18 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, *
     return -(-capacity // multiple_of) * multiple_of
 
 
+def _rank_in_groups(group_N: torch.Tensor, order_N: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Each token's rank within its group (``group_N``, 0 .. num_groups-1), counted in the order
+    ``order_N``: the priority-ordered tokens are grouped with a stable sort, which keeps the priority
+    order inside each group."""
+    grouped_in_order_N = group_N[order_N]
+    perm_N = torch.sort(grouped_in_order_N, stable=True).indices
+    grouped_N = grouped_in_order_N[perm_N]
+    counts = torch.bincount(grouped_N, minlength=num_groups)
+    rank_N = torch.arange(group_N.shape[0], device=group_N.device) - (counts.cumsum(0) - counts)[grouped_N]
+    return torch.empty_like(rank_N).scatter_(0, order_N[perm_N], rank_N)
+
+
 def top1_assign(probs_NE: torch.Tensor, valid_N: torch.Tensor, capacity: int | None, *,
                 batch_priority: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-1 expert, buffer position and keep flag for every token.
@@ -52,14 +64,8 @@ def top1_assign(probs_NE: torch.Tensor, valid_N: torch.Tensor, capacity: int | N
         order_N = torch.sort(priority_N.masked_fill(~valid_N, -math.inf), descending=True, stable=True).indices
     else:
         order_N = torch.arange(N, device=probs_NE.device)
-    # Group the priority-ordered tokens by expert with a stable sort (priority order is kept inside
-    # each group); a token's position is its rank in its group. Invalid tokens form group E.
-    group_N = torch.where(valid_N, expert_N, E)[order_N]
-    perm_N = torch.sort(group_N, stable=True).indices
-    grouped_N = group_N[perm_N]
-    counts = torch.bincount(grouped_N, minlength=E + 1)
-    rank_N = torch.arange(N, device=probs_NE.device) - (counts.cumsum(0) - counts)[grouped_N]
-    position_N = torch.empty_like(rank_N).scatter_(0, order_N[perm_N], rank_N)
+    # Invalid tokens form group E.
+    position_N = _rank_in_groups(torch.where(valid_N, expert_N, E), order_N, E + 1)
     position_N = torch.where(valid_N, position_N, -1)
     kept_N = valid_N if capacity is None else valid_N & (position_N < capacity)
     return expert_N, position_N, kept_N
@@ -83,12 +89,7 @@ def top1_assign_budgets(probs_NE: torch.Tensor, token_type_N: torch.Tensor, capa
         order_N = torch.arange(N, device=probs_NE.device)
     text_N = (token_type_N == TOKEN_TEXT).long()
     # groups (expert, modality) -> 2e + m; padding forms group 2E
-    group_N = torch.where(valid_N, 2 * expert_N + text_N, 2 * E)[order_N]
-    perm_N = torch.sort(group_N, stable=True).indices
-    grouped_N = group_N[perm_N]
-    counts = torch.bincount(grouped_N, minlength=2 * E + 1)
-    rank_N = torch.arange(N, device=probs_NE.device) - (counts.cumsum(0) - counts)[grouped_N]
-    rank_N = torch.empty_like(rank_N).scatter_(0, order_N[perm_N], rank_N)
+    rank_N = _rank_in_groups(torch.where(valid_N, 2 * expert_N + text_N, 2 * E), order_N, 2 * E + 1)
     budget_N = torch.where(text_N.bool(), capacity_M[1], capacity_M[0])
     kept_N = valid_N & (rank_N < budget_N)
     position_N = torch.where(valid_N, rank_N + text_N * capacity_M[0], -1)
