@@ -45,17 +45,18 @@ def locked_prefixes(cfg: ModelConfig, init) -> tuple[str, ...]:
 
 
 def is_locked(name: str, prefixes: tuple[str, ...]) -> bool:
-    return name.startswith(prefixes) if prefixes else False
+    return name.startswith(prefixes)  # False for () (nothing locked)
 
 
 def lock_image_tower(model, init) -> list[str]:
     """``requires_grad=False`` on the locked groups (after the parallel plan, which may replace
     modules); with ``init.dropless`` their MoE layers route dropless. Returns the locked names."""
     prefixes = locked_prefixes(model.cfg, init)
-    locked = [n for n, p in model.named_parameters() if is_locked(n, prefixes)]
+    locked = []
     for name, p in model.named_parameters():
         if is_locked(name, prefixes):
             p.requires_grad_(False)
+            locked.append(name)
     if init is not None and init.dropless:
         for block in model.blocks:
             if block.is_moe and is_locked(f"blocks.{block.index}.ffn.", prefixes):
