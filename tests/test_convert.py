@@ -181,9 +181,12 @@ def _same_state(a, b) -> bool:
 
 def test_reshard_ep2_to_1_to_2_and_to_tp2_keeps_adam_state_and_the_loss_curve(ep2_full_run, ep2_run, tmp_path):
     """EP 2 -> 1 -> 2 at 2 ranks (data-parallel size unchanged, so data positions and RNG carry
-    over): the fp32 weights and both Adam moments survive bit for bit, and resuming at either layout
-    continues the uninterrupted run's loss curve (measured: identical; asserted to 1e-6 relative at
-    ep=1, whose experts compute the same per-token math without the all-to-all, and exactly at ep=2)."""
+    over): the fp32 weights and both Adam moments survive bit for bit, and resuming at ep=1
+    continues the uninterrupted run's loss curve (measured: identical; asserted to 1e-6 relative:
+    its experts compute the same per-token math without the all-to-all). The round trip back to
+    ep=2 is the source state bit for bit, so its resume is the plain resume tested elsewhere
+    (test_train); resuming a resharded checkpoint at a new expert layout is tested here at ep=1
+    and at tp=2 x ep=2."""
     from limoe_ds.checkpoint.convert import read_full_state
     ep1, ep2 = tmp_path / "ep1", tmp_path / "ep2"
     assert convert_tool.main(["reshard", str(ep2_run), str(ep1), "--ep", "1", "--world", "2"]) == 0
@@ -193,16 +196,12 @@ def test_reshard_ep2_to_1_to_2_and_to_tp2_keeps_adam_state_and_the_loss_curve(ep
         state = read_full_state(out / "step00000004")
         assert state.layout.ep == ep and _same_state(source, state), out
     want = _losses(ep2_full_run)
-    for out, ep in ((ep2, 2), (ep1, 1)):
-        run = tmp_path / f"resumed_ep{ep}"
-        proc = _launch(run, 8, [*EP2_ZERO2, f"parallel.expert_parallel_size={ep}",
-                                "--resume", str(out / "step00000004")])
-        log, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, log[-3000:]
-        got = _losses(run)
-        assert sorted(got) == [5, 6, 7, 8]
-        for step, loss in got.items():
-            assert loss == (want[step] if ep == 2 else pytest.approx(want[step], rel=1e-6)), (ep, step)
+    run = tmp_path / "resumed_ep1"
+    proc = _launch(run, 8, [*EP2_ZERO2, "parallel.expert_parallel_size=1", "--resume", str(ep1 / "step00000004")])
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    got = _losses(run)
+    assert sorted(got) == [5, 6, 7, 8] and all(got[s] == pytest.approx(want[s], rel=1e-6) for s in got)
 
     # ... and to tp=2 x ep=2 on 4 ranks (dp stays 2: exact data resume): measured identical losses;
     # asserted to 1e-5 (the row-parallel all-reduce may sum in another order)
