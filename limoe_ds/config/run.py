@@ -26,7 +26,7 @@ import yaml
 
 from limoe_ds.compat.deepspeed import zero0_clipping_problem
 from limoe_ds.config import ds_keys, typed
-from limoe_ds.config.model import ModelConfig, config_from_dict, get_preset
+from limoe_ds.config.model import MODALITIES, ModelConfig, config_from_dict, get_preset
 from limoe_ds.config.data import DataConfig, check_synthetic_name, is_synthetic
 from limoe_ds.config.errors import ConfigError, check as _check
 
@@ -171,9 +171,44 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class RouterCollapseConfig:
+    """``logging.router_collapse``: the alarm that watches each log window's routing statistics
+    (limoe_ds.moe.collapse) and warns when a modality's routing collapses in a MoE layer."""
+
+    enabled: bool = True
+    min_experts: dict[str, float] | float | None = field(
+        default=None, metadata={"expects": "a number (both modalities), a mapping {\"image\": number, "
+                                           "\"text\": number} or null"})
+    """Warn when a modality's effective experts, exp(entropy of its mean routing), fall below this;
+    None (or a modality left out) = that layer's S_m (model.moe.global_entropy_min_experts); 0 = never."""
+    min_success: float = 0.5
+    """Warn when a modality's routing success (tokens kept / routed) falls below this; 0 = never."""
+    windows: int = 3
+    """... for this many consecutive log windows (train.log_every steps each)."""
+
+    def __post_init__(self) -> None:
+        given = self.min_experts
+        if given is not None and not isinstance(given, Mapping):
+            given = {m: given for m in MODALITIES}
+        if given is not None:
+            unknown = set(given) - set(MODALITIES)
+            _check(not unknown, "logging.router_collapse.min_experts",
+                   f"unknown modality {sorted(unknown)}; use 'image' and/or 'text'")
+            for m, v in given.items():
+                _check(v >= 0, f"logging.router_collapse.min_experts.{m}", f"must be >= 0 (0 = never), got {v}")
+            given = {m: float(v) for m, v in given.items()}
+        self.min_experts = given
+        _check(0 <= self.min_success <= 1, "logging.router_collapse.min_success",
+               f"must be in [0, 1] (0 = never), got {self.min_success}")
+        _check(self.windows >= 1, "logging.router_collapse.windows", f"must be >= 1, got {self.windows}")
+
+
+@dataclass(kw_only=True)
 class LoggingConfig:
     tensorboard: bool = True
     progress_bar: bool = True
+    router_collapse: RouterCollapseConfig = field(default_factory=RouterCollapseConfig)
+    """The router-collapse alarm (docs/TRAINING.md)."""
 
 
 @dataclass(kw_only=True)
@@ -357,6 +392,7 @@ def resolve(raw: dict[str, Any], *, world_size: int, check_paths: bool = True) -
     cfg = RunConfig(**sections, deepspeed=raw)
     _check_loss(cfg)
     check_image_tower(cfg, check_paths)
+    _check_router_collapse(cfg)
     ds_keys.check(raw)
     train, parallel = cfg.train, cfg.parallel
     _check_layout(cfg, world_size)
@@ -378,6 +414,15 @@ def _check_loss(cfg: RunConfig) -> None:
         return
     _check(cfg.model.logit_bias_init is None, "model.logit_bias_init",
            f"is the sigmoid loss's bias, but train.loss is {cfg.train.loss!r}; set train.loss=sigmoid or drop it")
+
+
+def _check_router_collapse(cfg: RunConfig) -> None:
+    """More effective experts than the model has would be an alarm at every window."""
+    moe = cfg.model.moe or (cfg.model.text_tower.moe if cfg.model.text_tower is not None else None)
+    for m, v in (cfg.logging.router_collapse.min_experts or {}).items():
+        _check(moe is None or v <= moe.num_experts, f"logging.router_collapse.min_experts.{m}",
+               f"must be <= model.moe.num_experts={moe.num_experts if moe else 0} (a modality spread evenly "
+               f"over every expert has that many effective experts), got {v:g}")
 
 
 IMAGE_TOWER_KEYS = ("image_size", "patch_size", "channels", "width", "depth", "num_heads", "mlp_dim", "pooling",

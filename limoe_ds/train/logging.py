@@ -72,6 +72,12 @@ class MetricsLog:
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.writer.add_scalar(k, v, step)
 
+    def write_text(self, step: int, tag: str, text: str) -> None:
+        """A TensorBoard text entry (the run's warnings: limoe_ds.moe.collapse)."""
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+            self.writer.flush()
+
     def write_images(self, step: int, images: dict) -> None:
         """Pillow images as TensorBoard image summaries (HWC uint8)."""
         if self.writer is not None:

@@ -24,7 +24,8 @@ from limoe_ds.config.run import RunConfig
 from limoe_ds.data import Tokenizer, build_eval_loader, build_train_loader
 from limoe_ds.model import build_model, lit
 from limoe_ds.pretrained import load_image_tower
-from limoe_ds.moe import stats
+from limoe_ds.moe import collapse, stats
+from limoe_ds.moe.collapse import CollapseAlarm
 from limoe_ds.parallel.collectives import mean_over_ranks, sum_over_ranks
 from limoe_ds.runtime.preemption import Preempted, StopFlag
 from limoe_ds.runtime.watchdog import Watchdog
@@ -100,6 +101,10 @@ class Trainer:
         that its clock (samples/s) does not count building and resuming."""
         self.last_routing: dict[str, dict] = {}
         """The routing summary of the last logged window."""
+        self.collapse = self._collapse_alarm()
+        """Watches each window's routing summary (limoe_ds.moe.collapse); None: off or a dense model."""
+        self.alarms: list[str] = []
+        """The router-collapse warnings of this process's run (the summary reports them)."""
         self.metrics: MetricsLog | None = None
         self.samples_per_step = cfg.rank_batch_size * self.layout.dp
         self.tokens_per_sample = cfg.model.num_patches + cfg.model.text_len
@@ -193,6 +198,13 @@ class Trainer:
         for group, lr in zip(sched.optimizer.param_groups, sched.get_lr()):
             group["lr"] = lr
 
+    def _collapse_alarm(self) -> CollapseAlarm | None:
+        alarm = self.cfg.logging.router_collapse
+        layers = self.engine.module.moe_layers()
+        if not (alarm.enabled and layers):
+            return None
+        return CollapseAlarm(collapse.thresholds(layers, alarm.min_experts), alarm.min_success, alarm.windows)
+
     def save(self) -> Path:
         step = self.step
         self._beat("saving the checkpoint", kind="save", slow=True)
@@ -285,6 +297,12 @@ class Trainer:
         scalars = mean_over_ranks({k: v / window.steps for k, v in window.losses.items()})
         self.last_routing = stats.summarize(stats.sum_over_ranks(window.routing, parallel.data_parallel_group()))
         scalars.update(routing_metrics(self.last_routing))
+        if self.collapse is not None:
+            for line in self.collapse.observe(self.step, self.last_routing):
+                log(line)
+                self.alarms.append(line)
+                self.metrics.write_text(self.step, "alarm/router_collapse", line)
+            scalars["alarm/router_collapse"] = len(self.collapse.collapsed)
         grad_norm = engine.get_global_grad_norm()
         scalars.update({
             "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
@@ -320,7 +338,8 @@ class Trainer:
                 "losses": self.losses,
                 "train_samples_per_s": round((step - start) * self.samples_per_step / train_seconds, 1)
                 if step > start else None,
-                "routing_success_last_window": success_rates(self.last_routing)}
+                "routing_success_last_window": success_rates(self.last_routing),
+                "router_collapse_alarms": self.alarms}
 
     def _progress(self):
         if not (is_main() and self.cfg.logging.progress_bar):
