@@ -54,7 +54,8 @@ class Pretrained:
         return None if bias is None else float(bias.detach())
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        """Captions -> token ids [B, text_len] (the training tokenizer: lower-cased BPE, EOS, pad 0)."""
+        """Captions -> token ids [B, text_len] (the training tokenizer: lower-cased BPE, EOS, pad 0);
+        for a CLIPPO model the rendered captions [B, 3, H, W] (limoe_ds.data.render.PixelText)."""
         return self.tokenizer.encode_batch(list(texts), self.cfg.text_len)
 
     def preprocess(self, images) -> torch.Tensor:
@@ -91,7 +92,9 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
     from limoe_ds.data import Tokenizer
     from limoe_ds.model import build_model
     path = Path(path)
-    for f in ("model.safetensors", "config.json", "tokenizer.json"):
+    cfg_json = path / "config.json"
+    pixels = cfg_json.is_file() and json.loads(cfg_json.read_text()).get("text_input") == "pixels"
+    for f in ("model.safetensors", "config.json") + (() if pixels else ("tokenizer.json",)):
         if not (path / f).is_file():
             raise FileNotFoundError(f"{path / f} is missing: not an exported limoe_ds model "
                                     f"(make one with tools/convert_checkpoint.py export)")
@@ -106,6 +109,9 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
                               f"the file is truncated or damaged; export it again") from None
     model.load_state_dict(state, strict=True, assign=True)
     model.to(device=device, dtype=dtype)
+    if cfg.pixels:
+        from limoe_ds.data.render import PixelText
+        return Pretrained(model, PixelText.for_model(cfg))
     return Pretrained(model, Tokenizer.from_file(str(path / "tokenizer.json")))
 
 

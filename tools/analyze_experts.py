@@ -69,12 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         return fail(e)
     if cfg.model.any_moe is None or cfg.data.val is None:
         return fail("needs an MoE model and data.val (set it with --set data.val=PATH)")
-    from limoe_ds.data import Tokenizer, build_eval_loader
+    from limoe_ds.data import build_eval_loader
+    from limoe_ds.data.render import text_encoder
     from limoe_ds.model import build_model
     model = build_model(cfg.model)
     model.load_state_dict(state)
-    loader = build_eval_loader(cfg.data, image_size=cfg.model.image_size, tokenizer=Tokenizer.from_file(cfg.tokenizer),
-                               text_len=cfg.model.text_len, batch_size=cfg.eval.batch_size, dp_rank=0, dp_size=1)
+    loader = build_eval_loader(cfg.data, image_size=cfg.model.image_size,
+                               tokenizer=text_encoder(cfg.model, cfg.tokenizer), text_len=cfg.model.text_len,
+                               batch_size=cfg.eval.batch_size, dp_rank=0, dp_size=1)
     summary, experts, images = analyze(model, loader, sample_images=args.images)
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write_text(args.out / "report.json", json.dumps(

@@ -53,7 +53,8 @@ def _benchmarks(specs: list[str], threads: int) -> list:
 
 
 def _evaluate(cfg, state, benchmarks: list, rank: int, world: int) -> dict[str, float]:
-    from limoe_ds.data import Tokenizer, build_eval_loader
+    from limoe_ds.data import build_eval_loader
+    from limoe_ds.data.render import text_encoder
     from limoe_ds.data.benchmarks import CaptionSet
     from limoe_ds.data.synthetic import compositional_set
     from limoe_ds.data.zeroshot import load_zeroshot_set
@@ -63,7 +64,7 @@ def _evaluate(cfg, state, benchmarks: list, rank: int, world: int) -> dict[str, 
     init_distributed()
     model = build_model(cfg.model)
     model.load_state_dict(state)
-    tok = Tokenizer.from_file(cfg.tokenizer)
+    tok = text_encoder(cfg.model, cfg.tokenizer)
     val = None
     if cfg.data.val is not None:
         val = build_eval_loader(cfg.data, image_size=cfg.model.image_size, tokenizer=tok, text_len=cfg.model.text_len,

@@ -354,15 +354,16 @@ def _check_against_config(weights: dict[str, torch.Tensor], model_cfg, ckpt_dir:
 
 def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``out_dir``: model.safetensors (fp32 master weights), config.json (model config),
-    tokenizer.json, limoe_export.json (provenance). Written to a temporary directory, renamed last."""
+    tokenizer.json (none for a CLIPPO model), limoe_export.json (provenance). Written to a temporary
+    directory, renamed last."""
     from safetensors.torch import save_file
     from limoe_ds.config.run import model_config
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise CheckpointError(f"{out_dir} exists; choose another directory or pass --overwrite")
     state = read_full_state(ckpt_dir)
-    tokenizer = Path(state.config["limoe"]["tokenizer"])
-    if not tokenizer.is_file():
+    tokenizer = state.config["limoe"].get("tokenizer")  # None: a CLIPPO model renders its captions
+    if tokenizer is not None and not Path(tokenizer).is_file():
         raise CheckpointError(f"the run's tokenizer {tokenizer} is missing; export needs it next to the weights")
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -373,7 +374,8 @@ def export(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite
         weights_entry = integrity.file_entry(tmp / "model.safetensors")  # just written: hot in the page cache
         cfg = model_config(state.config["limoe"]["model"])
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
-        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         (tmp / "limoe_export.json").write_text(json.dumps({
             "source": str(Path(ckpt_dir).resolve()), "step": state.step, "weights": "fp32 optimizer master copy",
             "source_layout": {"tp": state.layout.tp, "ep": state.layout.ep, "world_size": state.layout.world_size},

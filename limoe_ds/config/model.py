@@ -167,6 +167,12 @@ class ModelConfig:
     """b at initialisation for the sigmoid loss (SigLIP: -10); set by ``train.loss=sigmoid``.
     None = no bias parameter (the softmax loss)."""
     init_std: float = 0.02
+    text_input: str = "tokens"
+    """'tokens': captions as token ids (a tokenizer, token embeddings). 'pixels' (CLIPPO): captions
+    rendered as images (limoe_ds.data.render) through the same patch embedding, tower, pooling and
+    head as photos; no tokenizer, no token embedding; one tower only."""
+    text_font_size: int = 16
+    """Glyph height in pixels of the rendered captions (text_input='pixels'); Unifont's own is 16."""
     moe: MoEConfig | None = None
     text_tower: TowerConfig | None = None
     """None: one tower for both modalities (LIMoE). A section: a two-tower model (CLIP-style), whose
@@ -185,6 +191,10 @@ class ModelConfig:
                f"use a multiple such as {self.image_size // self.patch_size * self.patch_size or self.patch_size}")
         _check(0 <= self.pad_id < self.vocab_size, "model.pad_id", "must be a valid token id")
         _check(self.pooling in ("mean", "map"), "model.pooling", f"must be 'mean' or 'map', got {self.pooling!r}")
+        _check(self.text_input in TEXT_INPUTS, "model.text_input",
+               f"must be one of {list(TEXT_INPUTS)}, got {self.text_input!r}")
+        _check(4 <= self.text_font_size <= self.image_size, "model.text_font_size",
+               f"must be in [4, image_size={self.image_size}], got {self.text_font_size}")
         _check(1.0 <= self.temperature_init <= self.temperature_max, "model.temperature_init",
                "must be >= 1 and <= temperature_max")
         if self.embed_dim is None:
@@ -193,10 +203,22 @@ class ModelConfig:
         if isinstance(self.text_tower, Mapping):
             self.text_tower = TowerConfig(**self.text_tower)
         t = self.text_tower
+        _check(t is None or not self.pixels, "model.text_input",
+               "'pixels' (CLIPPO) reads rendered captions with the image tower: use one tower (no model.text_tower)")
         if t is not None and t.moe is not None and self.moe is not None:
             _check(t.moe.num_experts == self.moe.num_experts, "model.text_tower.moe.num_experts",
                    f"{t.moe.num_experts} != the image tower's model.moe.num_experts {self.moe.num_experts}: the towers "
                    f"share one expert-parallel layout (E / ep experts per rank in every MoE layer); use the same count")
+
+    @property
+    def pixels(self) -> bool:
+        """CLIPPO: captions are rendered images (``text_input='pixels'``)."""
+        return self.text_input == "pixels"
+
+    @property
+    def text_positions(self) -> int:
+        """Positions of a caption in the tower: text_len tokens, or a rendered caption's patches."""
+        return self.num_patches if self.pixels else self.text_len
 
     @property
     def two_tower(self) -> bool:
@@ -251,8 +273,18 @@ class ModelConfig:
         text = TowerConfig(width=self.width, depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads, moe=moe)
         return dataclasses.replace(self, name=f"{self.name}-2t", text_tower=text)
 
+    def clippo_twin(self) -> "ModelConfig":
+        """The same one tower reading captions as pixels (CLIPPO); glyphs of 16 px, or 8 px below
+        a 128 px image (tiny's 32 px image holds 4 lines of about 8 characters)."""
+        _check(self.text_tower is None, "model.preset", "a CLIPPO twin is of a one-tower preset (not NAME-2t)")
+        return dataclasses.replace(self, name=f"{self.name}-clippo", text_input="pixels",
+                                   text_font_size=16 if self.image_size >= 128 else 8)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+TEXT_INPUTS = ("tokens", "pixels")
 
 
 def config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
@@ -296,17 +328,20 @@ def get_preset(name: str) -> ModelConfig:
     ``NAME-2t-dense``) the dense twin."""
     base, dense = (name[:-len("-dense")], True) if name.endswith("-dense") else (name, False)
     base, two = (base[:-len("-2t")], True) if base.endswith("-2t") else (base, False)
-    if base not in PRESETS:
+    base, clippo = (base[:-len("-clippo")], True) if base.endswith("-clippo") else (base, False)
+    if base not in PRESETS or (two and clippo):
         raise ValueError(f"model.preset: unknown preset {name!r}; choose one of {preset_variants()}")
     cfg = config_from_dict(dataclasses.asdict(PRESETS[base]))
     if two:
         cfg = cfg.two_tower_twin()
+    if clippo:
+        cfg = cfg.clippo_twin()
     return cfg.dense_twin() if dense else cfg
 
 
 def preset_variants() -> list[str]:
-    """Every name get_preset knows: NAME, NAME-dense, NAME-2t, NAME-2t-dense."""
-    return [f"{p}{v}" for v in ("", "-dense", "-2t", "-2t-dense") for p in sorted(PRESETS)]
+    """Every name get_preset knows: NAME, NAME-dense, NAME-2t, NAME-2t-dense, NAME-clippo, NAME-clippo-dense."""
+    return [f"{p}{v}" for v in ("", "-dense", "-2t", "-2t-dense", "-clippo", "-clippo-dense") for p in sorted(PRESETS)]
 
 
 def preset_names() -> list[str]:

@@ -218,8 +218,9 @@ class RunConfig:
     model: ModelConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig
-    tokenizer: str
-    """Path to tokenizer.json (tools/train_tokenizer.py); its vocabulary must fit model.vocab_size."""
+    tokenizer: str | None = None
+    """Path to tokenizer.json (tools/train_tokenizer.py); its vocabulary must fit model.vocab_size.
+    Required unless the model reads captions as pixels (model.text_input='pixels', CLIPPO)."""
     train: TrainConfig
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -356,7 +357,7 @@ def _check_paths(cfg: RunConfig) -> None:
     for i, z in enumerate(cfg.eval.zero_shot):
         _check(Path(z, "classnames.txt").is_file(), f"eval.zero_shot[{i}]",
                f"{z!r} is not a zero-shot set (no classnames.txt); build one with tools/build_mini_dataset.py")
-    _check(Path(cfg.tokenizer).is_file(), "tokenizer",
+    _check(cfg.tokenizer is None or Path(cfg.tokenizer).is_file(), "tokenizer",
            f"{cfg.tokenizer!r} does not exist; train one with tools/train_tokenizer.py")
 
 
@@ -393,6 +394,13 @@ def resolve(raw: dict[str, Any], *, world_size: int, check_paths: bool = True) -
     _check_loss(cfg)
     check_image_tower(cfg, check_paths)
     _check_router_collapse(cfg)
+    if cfg.model.pixels:
+        _check(cfg.tokenizer is None, "tokenizer",
+               "a CLIPPO model (model.text_input='pixels') renders its captions and has no tokenizer; drop the key")
+    else:
+        _check(cfg.tokenizer is not None, "tokenizer",
+               "is required; give the path of a tokenizer.json (tools/train_tokenizer.py; the bundled one: "
+               "data/mini/tokenizer.json)")
     ds_keys.check(raw)
     train, parallel = cfg.train, cfg.parallel
     _check_layout(cfg, world_size)

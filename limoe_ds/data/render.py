@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 UNIFONT = "/usr/share/unifont/unifont.hex"
 """GNU Unifont's Basic Multilingual Plane as hex bitmaps (Debian package ``unifont``)."""
@@ -80,6 +81,7 @@ class UnifontRenderer:
             first = np.maximum(first - spacing, 0)
             end = np.minimum(np.maximum(last + spacing, first + min_width), GLYPH)
         self.first, self.end = first.astype(np.int64), end.astype(np.int64)
+        self._scaled: dict[int, np.ndarray] = {}
 
     def codepoints(self, text: str) -> tuple[np.ndarray, int]:
         """The glyph indices of ``text`` (a character without a glyph -> U+0020's slot, counted)."""
@@ -119,10 +121,12 @@ class UnifontRenderer:
         g = self.bitmaps[cp][:, self.first[cp]:self.end[cp]]
         if self.font_size == GLYPH:
             return g
-        from PIL import Image
-        w = max(1, round(g.shape[1] * self.font_size / GLYPH))
-        scaled = Image.fromarray(g * np.uint8(255)).resize((w, self.font_size), Image.Resampling.BOX)
-        return (np.asarray(scaled) >= 128).astype(np.uint8)
+        if cp not in self._scaled:  # resized once per character (area filter, then ink where >= half)
+            from PIL import Image
+            w = max(1, round(g.shape[1] * self.font_size / GLYPH))
+            scaled = Image.fromarray(g * np.uint8(255)).resize((w, self.font_size), Image.Resampling.BOX)
+            self._scaled[cp] = (np.asarray(scaled) >= 128).astype(np.uint8)
+        return self._scaled[cp]
 
     def coverage(self, texts) -> dict[str, dict[str, int]]:
         """{script: {"chars": n, "missing": m}} over ``texts`` (script: the first word of the
@@ -183,3 +187,45 @@ def load_unifont(path: str = UNIFONT) -> tuple[np.ndarray, np.ndarray]:
     has[0x20] = True  # the space: no ink, min_width wide
     _FONTS[path] = bitmaps, has
     return bitmaps, has
+
+
+class PixelText:
+    """The text input of a CLIPPO model (``model.text_input='pixels'``): where a token model has a
+    tokenizer, ``encode_batch(captions)`` renders them at the model's image size and glyph size and
+    returns what a photo batch is, float32 [B, 3, H, W] in [-1, 1]. Counts what it could not draw
+    (``missing``, ``truncated``: characters, in this process)."""
+
+    vocab_size = 0
+    """No vocabulary (the trainer's vocabulary check passes)."""
+
+    def __init__(self, image_size: int, font_size: int = GLYPH, font: str = UNIFONT) -> None:
+        self.renderer = UnifontRenderer(image_size, font=font, font_size=font_size)
+        self.missing = self.truncated = 0
+
+    @classmethod
+    def for_model(cls, cfg, font: str = UNIFONT) -> "PixelText":
+        return cls(cfg.image_size, cfg.text_font_size, font)
+
+    def encode_batch(self, texts: list[str], text_len: int | None = None) -> torch.Tensor:
+        """Rendered captions as float32 [B, 3, H, W] in [-1, 1] (``text_len``, a tokenizer's
+        argument, is ignored)."""
+        from limoe_ds.data.image import to_tensor
+        out = []
+        for t in texts:
+            r = self.renderer.render(t)
+            self.missing += r.missing
+            self.truncated += r.truncated
+            out.append(r.image)
+        if not out:
+            size = self.renderer.image_size
+            return to_tensor(np.zeros((0, size, size, 3), dtype=np.uint8))
+        return to_tensor(out)
+
+
+def text_encoder(model_cfg, tokenizer: str | None):
+    """What turns a run's captions into its model's text input (``encode_batch``): the tokenizer
+    at ``tokenizer``, or for a CLIPPO model (``model.text_input='pixels'``) a ``PixelText``."""
+    if model_cfg.pixels:
+        return PixelText.for_model(model_cfg)
+    from limoe_ds.data.tokenizer import Tokenizer
+    return Tokenizer.from_file(tokenizer)

@@ -187,12 +187,18 @@ def embed_texts_split(model, tokenizer, texts: list[str], *, dp_rank: int, dp_si
     batches = (mine[i:i + batch_size] for i in range(0, len(mine), batch_size))
     out = []
     for chunk, real in lockstep(batches, lambda: None):
-        tokens = (tokenizer.encode_batch(chunk, model.cfg.text_len) if real else
-                  torch.ones(1, model.cfg.text_len, dtype=torch.long))
+        tokens = (tokenizer.encode_batch(chunk, model.cfg.text_len) if real else _dummy_text(model, tokenizer))
         emb = model.encode_text(tokens.to(device), capacity_factor).float()
         if real:
             out.append(emb)
     return gather_rows(torch.cat(out) if out else torch.zeros(0, model.cfg.embed_dim, device=device))
+
+
+def _dummy_text(model, tokenizer) -> torch.Tensor:
+    """One caption for a rank without texts left to keep its passes in step (its output unused)."""
+    if model.cfg.pixels:
+        return tokenizer.encode_batch(["-"])
+    return torch.ones(1, model.cfg.text_len, dtype=torch.long)
 
 
 def _dummy_labelled_image(model):

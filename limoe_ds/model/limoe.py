@@ -146,17 +146,19 @@ class LIMoEModel(nn.Module):
         text = cfg.text_tower or cfg
         self.patch_embed = nn.Conv2d(cfg.channels, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.image_pos = nn.Parameter(torch.empty(1, cfg.num_patches, D))
-        self.token_embed = nn.Embedding(cfg.vocab_size, Dt)
-        self.text_pos = nn.Parameter(torch.empty(1, cfg.text_len, Dt))
+        # CLIPPO (text_input='pixels'): a rendered caption goes through patch_embed, image_pos, the
+        # tower, image_pool and image_head like a photo; there are no text-only parameters
+        self.token_embed = None if cfg.pixels else nn.Embedding(cfg.vocab_size, Dt)
+        self.text_pos = None if cfg.pixels else nn.Parameter(torch.empty(1, cfg.text_len, Dt))
         self.blocks = nn.ModuleList(Block(cfg, i, ep_size) for i in range(cfg.depth))
         """The one tower's blocks, or the image tower's."""
         self.final_ln = nn.LayerNorm(D)
         self.text_tower = TextTower(cfg, ep_size) if cfg.two_tower else None
         if cfg.pooling == "map":
             self.image_pool = MAPHead(D, cfg.num_heads, cfg.mlp_dim)
-            self.text_pool = MAPHead(Dt, text.num_heads, text.mlp_dim)
+            self.text_pool = None if cfg.pixels else MAPHead(Dt, text.num_heads, text.mlp_dim)
         self.image_head = nn.Linear(D, cfg.embed_dim)
-        self.text_head = nn.Linear(Dt, cfg.embed_dim)
+        self.text_head = None if cfg.pixels else nn.Linear(Dt, cfg.embed_dim)
         # t, with exp(t) the inverse temperature; shape [1], not [] (DeepSpeed cannot broadcast 0-dim params)
         self.logit_scale = nn.Parameter(torch.empty(1))
         # b, the sigmoid loss's learned bias (train.loss=sigmoid); a softmax model has none
@@ -172,7 +174,15 @@ class LIMoEModel(nn.Module):
         return x.flatten(2).transpose(1, 2) + self.image_pos
 
     def embed_text(self, tokens_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids -> (tokens [B, T, D], valid [B, T]); ``cfg.pad_id`` marks padding."""
+        """Token ids -> (tokens [B, T, D], valid [B, T]); ``cfg.pad_id`` marks padding. CLIPPO:
+        rendered captions [B, C, H, W] -> (their patches [B, I, D], all valid)."""
+        if self.cfg.pixels:
+            if tokens_BT.dim() != 4:
+                raise ValueError(f"a CLIPPO model (model.text_input='pixels') reads rendered captions "
+                                 f"[B, C, H, W], got a tensor of shape {tuple(tokens_BT.shape)}; render them "
+                                 f"with limoe_ds.data.render.PixelText")
+            x_BID = self.embed_images(tokens_BT)
+            return x_BID, torch.ones(x_BID.shape[:2], dtype=torch.bool, device=x_BID.device)
         if tokens_BT.shape[1] != self.cfg.text_len:
             raise ValueError(f"token_ids have length {tokens_BT.shape[1]}, the model's text_len is "
                              f"{self.cfg.text_len}; pad or truncate with the tokenizer")
@@ -187,7 +197,7 @@ class LIMoEModel(nn.Module):
         aux, stats = {}, []
         # a modality absent from this pass (encode_text / encode_image) skips its tower on every rank
         if img_BID.shape[0] > 0:
-            no_txt = img_BID.new_zeros(0, self.cfg.text_len, self.cfg.width)
+            no_txt = img_BID.new_zeros(0, self.cfg.text_positions, self.cfg.width)
             img_BID, _, aux, stats = self._run(self.blocks, img_BID, no_txt, txt_valid_BT[:0], capacity_factor)
         if txt_BTD.shape[0] > 0:
             no_img = txt_BTD.new_zeros(0, self.cfg.num_patches, self.cfg.text_width)
@@ -230,12 +240,13 @@ class LIMoEModel(nn.Module):
         if tokens_BT is not None:
             txt_BTD, txt_valid_BT = self.embed_text(tokens_BT)
         else:
-            txt_BTD = self.text_pos.new_zeros(0, self.cfg.text_len, self.cfg.text_width)
-            txt_valid_BT = torch.zeros(0, self.cfg.text_len, dtype=torch.bool, device=txt_BTD.device)
+            txt_BTD = self.image_pos.new_zeros(0, self.cfg.text_positions, self.cfg.text_width)
+            txt_valid_BT = torch.zeros(0, self.cfg.text_positions, dtype=torch.bool, device=txt_BTD.device)
         img_BID, txt_BTD, aux, stats = self._tower(img_BID, txt_BTD, txt_valid_BT, capacity_factor)
         img_valid_BI = torch.ones(img_BID.shape[:2], dtype=torch.bool, device=img_BID.device)
         image_emb = F.normalize(self.image_head(self._pool(img_BID, img_valid_BI, "image")), dim=-1)
-        text_emb = F.normalize(self.text_head(self._pool(txt_BTD, txt_valid_BT, "text")), dim=-1)
+        text = "image" if self.cfg.pixels else "text"  # CLIPPO: the image pooling and head for both
+        text_emb = F.normalize(getattr(self, f"{text}_head")(self._pool(txt_BTD, txt_valid_BT, text)), dim=-1)
         bias = self.logit_bias[0] if self.logit_bias is not None else None
         return LIMoEOutput(image_emb, text_emb, self.logit_scale[0].exp(), aux, stats, bias)
 
@@ -345,7 +356,7 @@ def _used_by(name: str, model: LIMoEModel) -> set[str]:
     if name.startswith("token_embed."):
         return set()  # a table lookup
     if name.startswith(_IMAGE_ONLY):
-        return {"image"}
+        return {"image", "text"} if model.cfg.pixels else {"image"}  # CLIPPO: text is pixels too
     if name.startswith(_TEXT_ONLY):
         return {"text"}
     if name.startswith(("blocks.", "final_ln.")):

@@ -109,9 +109,10 @@ def estimate(cfg: ModelConfig, *, tp: int, ep: int, dp: int, zero_stage: int = 2
 def _activation_bytes(cfg: ModelConfig, tp: int, micro_batch: int, w_bytes: int, checkpointing: bool) -> float:
     """The one tower carries every image and text token; two towers each carry their modality's."""
     if cfg.text_tower is None:
-        return _tower_activation_bytes(cfg, micro_batch * (cfg.num_patches + cfg.text_len), tp, w_bytes, checkpointing)
+        tokens = micro_batch * (cfg.num_patches + cfg.text_positions)
+        return _tower_activation_bytes(cfg, tokens, tp, w_bytes, checkpointing)
     return (_tower_activation_bytes(cfg, micro_batch * cfg.num_patches, tp, w_bytes, checkpointing)
-            + _tower_activation_bytes(cfg.text_tower, micro_batch * cfg.text_len, tp, w_bytes, checkpointing))
+            + _tower_activation_bytes(cfg.text_tower, micro_batch * cfg.text_positions, tp, w_bytes, checkpointing))
 
 
 def _tower_activation_bytes(tower, tokens: int, tp: int, w_bytes: int, checkpointing: bool) -> float:
