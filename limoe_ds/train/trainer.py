@@ -26,7 +26,6 @@ from limoe_ds.data.render import text_encoder
 from limoe_ds.model import build_model, lit
 from limoe_ds.pretrained import load_image_tower
 from limoe_ds.moe import collapse, stats
-from limoe_ds.moe.collapse import CollapseAlarm
 from limoe_ds.parallel.collectives import mean_over_ranks, sum_over_ranks
 from limoe_ds.runtime.preemption import Preempted, StopFlag
 from limoe_ds.runtime.watchdog import Watchdog
@@ -206,12 +205,13 @@ class Trainer:
         for group, lr in zip(sched.optimizer.param_groups, sched.get_lr()):
             group["lr"] = lr
 
-    def _collapse_alarm(self) -> CollapseAlarm | None:
+    def _collapse_alarm(self) -> collapse.CollapseAlarm | None:
         alarm = self.cfg.logging.router_collapse
         layers = self.engine.module.moe_layers()
         if not (alarm.enabled and layers):
             return None
-        return CollapseAlarm(collapse.thresholds(layers, alarm.min_experts), alarm.min_success, alarm.windows)
+        return collapse.CollapseAlarm(collapse.thresholds(layers, alarm.min_experts), alarm.min_success,
+                                      alarm.windows)
 
     def save(self) -> Path:
         step = self.step
