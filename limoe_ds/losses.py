@@ -1,5 +1,6 @@
 """The contrastive image-text losses: the symmetric softmax InfoNCE (CLIP/open_clip) and the pairwise
-sigmoid loss (SigLIP), each over the global data-parallel batch with exact gradients.
+sigmoid loss (SigLIP), each over the global data-parallel batch with exact gradients; and a
+classifier's (V-MoE) cross-entropy, softmax or sigmoid.
 
 Legend: B batch, K embedding width.
 """
@@ -197,3 +198,17 @@ def pair_loss(out, group=None, impl: str = "all_gather") -> torch.Tensor:
     if group is False:
         return contrastive_loss(out.image_emb, out.text_emb, out.logit_scale)
     return gathered_contrastive_loss(out.image_emb, out.text_emb, out.logit_scale, group=group)
+
+
+def classification_loss(logits_BC: torch.Tensor, labels_B: torch.Tensor, kind: str = "softmax") -> torch.Tensor:
+    """A classifier's (V-MoE) cross-entropy, the mean over this rank's batch (each sample is its own
+    term, so the data-parallel gradient average gives the global batch's mean: no gather). 'softmax':
+    softmax cross-entropy; 'sigmoid': per-class sigmoid cross-entropy against the one-hot label,
+    summed over classes (big_vision's ``sigmoid_xent``, V-MoE's JFT loss). Float32 whatever the dtype."""
+    logits_BC = logits_BC.float()
+    if kind == "softmax":
+        return F.cross_entropy(logits_BC, labels_B)
+    if kind == "sigmoid":
+        target_BC = F.one_hot(labels_B, logits_BC.shape[1]).float()
+        return F.binary_cross_entropy_with_logits(logits_BC, target_BC, reduction="none").sum(dim=1).mean()
+    raise ValueError(f"train.loss: {kind!r} is not a classification loss ('softmax' or 'sigmoid')")

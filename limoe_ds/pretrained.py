@@ -8,11 +8,14 @@
     probs = (img_emb @ clf.T * m.logit_scale).softmax(-1)
     # a model trained with the sigmoid loss (train.loss=sigmoid) scores each pair on its own:
     match = torch.sigmoid(img_emb @ txt_emb.T * m.logit_scale + m.logit_bias)
+    # an image classifier (V-MoE, model.num_classes) has no text: class logits [B, C]
+    logits = load_pretrained("exports/tiny_vmoe").classify(m.preprocess(images))
 
 No process group, no engine: the MoE layers route dropless (every token reaches its expert,
 whatever the batch), so an embedding does not depend on what else is in the batch. The exported
 directory is written by ``tools/convert_checkpoint.py export`` (model.safetensors, config.json,
-tokenizer.json). ``load_image_tower`` starts a LiT run's image tower from one (limoe_ds.model.lit).
+tokenizer.json; no tokenizer for a CLIPPO model or a classifier). ``load_image_tower`` starts a LiT
+run's image tower from one (limoe_ds.model.lit), a classifier's export included.
 """
 
 from __future__ import annotations
@@ -40,12 +43,13 @@ class Pretrained:
 
     @property
     def device(self) -> torch.device:
-        return self.model.logit_scale.device
+        return self.model.image_pos.device
 
     @property
-    def logit_scale(self) -> float:
-        """exp(t), the learned inverse temperature."""
-        return float(self.model.logit_scale.detach().exp())
+    def logit_scale(self) -> float | None:
+        """exp(t), the learned inverse temperature; None for a classifier."""
+        t = self.model.logit_scale
+        return None if t is None else float(t.detach().exp())
 
     @property
     def logit_bias(self) -> float | None:
@@ -73,6 +77,11 @@ class Pretrained:
         return self.model.encode_text(tokens_BT.to(self.device), DROPLESS).float()
 
     @torch.no_grad()
+    def classify(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """A classifier's (V-MoE, ``model.num_classes``) class logits [B, C], dropless."""
+        return self.model.classify(images_BCHW.to(self.device), DROPLESS).float()
+
+    @torch.no_grad()
     def zero_shot_classifier(self, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
         """[C, K]: per class, the mean of its normalised prompt embeddings, renormalised (CLIP)."""
         from limoe_ds.eval.metrics import zero_shot_classifier
@@ -93,8 +102,9 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
     from limoe_ds.model import build_model
     path = Path(path)
     cfg_json = path / "config.json"
-    pixels = cfg_json.is_file() and json.loads(cfg_json.read_text()).get("text_input") == "pixels"
-    for f in ("model.safetensors", "config.json") + (() if pixels else ("tokenizer.json",)):
+    raw = json.loads(cfg_json.read_text()) if cfg_json.is_file() else {}
+    no_tokenizer = raw.get("text_input") == "pixels" or raw.get("num_classes") is not None
+    for f in ("model.safetensors", "config.json") + (() if no_tokenizer else ("tokenizer.json",)):
         if not (path / f).is_file():
             raise FileNotFoundError(f"{path / f} is missing: not an exported limoe_ds model "
                                     f"(make one with tools/convert_checkpoint.py export)")
@@ -109,6 +119,8 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
                               f"the file is truncated or damaged; export it again") from None
     model.load_state_dict(state, strict=True, assign=True)
     model.to(device=device, dtype=dtype)
+    if cfg.classifier:
+        return Pretrained(model, None)
     if cfg.pixels:
         from limoe_ds.data.render import PixelText
         return Pretrained(model, PixelText.for_model(cfg))

@@ -173,6 +173,10 @@ class ModelConfig:
     head as photos; no tokenizer, no token embedding; one tower only."""
     text_font_size: int = 16
     """Glyph height in pixels of the rendered captions (text_input='pixels'); Unifont's own is 16."""
+    num_classes: int | None = None
+    """V-MoE (image-only classification): a head of this many classes on the pooled image
+    (``class_head`` on ``image_head``'s pre-logits), trained with cross-entropy on labelled images;
+    no text input and no text parameters. None: a contrastive image-text model (LIMoE)."""
     moe: MoEConfig | None = None
     text_tower: TowerConfig | None = None
     """None: one tower for both modalities (LIMoE). A section: a two-tower model (CLIP-style), whose
@@ -203,6 +207,13 @@ class ModelConfig:
         if isinstance(self.text_tower, Mapping):
             self.text_tower = TowerConfig(**self.text_tower)
         t = self.text_tower
+        if self.num_classes is not None:
+            _check(self.num_classes >= 2, "model.num_classes", f"must be >= 2 (or null for a contrastive model), "
+                   f"got {self.num_classes}")
+            _check(t is None and not self.pixels, "model.num_classes",
+                   "a classifier (V-MoE) is image-only: drop model.text_tower and model.text_input")
+            _check(self.logit_bias_init is None, "model.logit_bias_init",
+                   "is the contrastive sigmoid loss's bias; a classifier's bias is class_head's (drop the key)")
         _check(t is None or not self.pixels, "model.text_input",
                "'pixels' (CLIPPO) reads rendered captions with the image tower: use one tower (no model.text_tower)")
         if t is not None and t.moe is not None and self.moe is not None:
@@ -216,8 +227,16 @@ class ModelConfig:
         return self.text_input == "pixels"
 
     @property
+    def classifier(self) -> bool:
+        """V-MoE: image-only classification (``num_classes`` set), no text."""
+        return self.num_classes is not None
+
+    @property
     def text_positions(self) -> int:
-        """Positions of a caption in the tower: text_len tokens, or a rendered caption's patches."""
+        """Positions of a caption in the tower: text_len tokens, a rendered caption's patches, or
+        none (a classifier reads no text)."""
+        if self.classifier:
+            return 0
         return self.num_patches if self.pixels else self.text_len
 
     @property
@@ -280,6 +299,19 @@ class ModelConfig:
         return dataclasses.replace(self, name=f"{self.name}-clippo", text_input="pixels",
                                    text_font_size=16 if self.image_size >= 128 else 8)
 
+    def vmoe_twin(self) -> "ModelConfig":
+        """The same tower as an image classifier (V-MoE, Riquelme et al. 2021): ``num_classes``
+        10 for tiny (Fashion-MNIST, data/fmnist), 1000 for the GPU presets (ImageNet-1k); give
+        ``model.num_classes`` for another label set."""
+        _check(self.text_tower is None and not self.pixels, "model.preset",
+               "a V-MoE twin is of a one-tower token preset (not NAME-2t or NAME-clippo)")
+        # V-MoE's auxiliary losses are importance + load (0.005 each, kept); LIMoE's per-modality
+        # entropy losses are off (give model.moe.*_entropy_weight to add them)
+        moe = None if self.moe is None else dataclasses.replace(self.moe, local_entropy_weight=0.0,
+                                                                global_entropy_weight=0.0)
+        return dataclasses.replace(self, name=f"{self.name}-vmoe", num_classes=10 if self.name == "tiny" else 1000,
+                                   moe=moe)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -324,24 +356,30 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def get_preset(name: str) -> ModelConfig:
-    """A fresh copy of a preset; ``NAME-2t`` gives its two-tower twin, ``NAME-dense`` (and
-    ``NAME-2t-dense``) the dense twin."""
+    """A fresh copy of a preset; ``NAME-2t`` gives its two-tower twin, ``NAME-clippo`` its CLIPPO
+    twin, ``NAME-vmoe`` its image classifier (V-MoE), ``NAME-dense`` (and ``NAME-2t-dense`` ...) the
+    dense twin."""
     base, dense = (name[:-len("-dense")], True) if name.endswith("-dense") else (name, False)
     base, two = (base[:-len("-2t")], True) if base.endswith("-2t") else (base, False)
     base, clippo = (base[:-len("-clippo")], True) if base.endswith("-clippo") else (base, False)
-    if base not in PRESETS or (two and clippo):
+    base, vmoe = (base[:-len("-vmoe")], True) if base.endswith("-vmoe") else (base, False)
+    if base not in PRESETS or two + clippo + vmoe > 1:
         raise ValueError(f"model.preset: unknown preset {name!r}; choose one of {preset_variants()}")
     cfg = config_from_dict(dataclasses.asdict(PRESETS[base]))
     if two:
         cfg = cfg.two_tower_twin()
     if clippo:
         cfg = cfg.clippo_twin()
+    if vmoe:
+        cfg = cfg.vmoe_twin()
     return cfg.dense_twin() if dense else cfg
 
 
 def preset_variants() -> list[str]:
-    """Every name get_preset knows: NAME, NAME-dense, NAME-2t, NAME-2t-dense, NAME-clippo, NAME-clippo-dense."""
-    return [f"{p}{v}" for v in ("", "-dense", "-2t", "-2t-dense", "-clippo", "-clippo-dense") for p in sorted(PRESETS)]
+    """Every name get_preset knows: NAME, NAME-dense, NAME-2t, NAME-2t-dense, NAME-clippo, NAME-clippo-dense,
+    NAME-vmoe, NAME-vmoe-dense (the image classifier, and its dense twin: a ViT)."""
+    variants = ("", "-dense", "-2t", "-2t-dense", "-clippo", "-clippo-dense", "-vmoe", "-vmoe-dense")
+    return [f"{p}{v}" for v in variants for p in sorted(PRESETS)]
 
 
 def preset_names() -> list[str]:

@@ -109,7 +109,8 @@ class TrainConfig:
     """Recompute each block in the backward pass (same router noise: RNG state is replayed)."""
     loss: str = "softmax"
     """The contrastive loss: 'softmax' (CLIP's symmetric InfoNCE, LIMoE's) or 'sigmoid' (SigLIP's
-    pairwise loss with a learned bias, ``model.logit_bias_init``, -10 unless given)."""
+    pairwise loss with a learned bias, ``model.logit_bias_init``, -10 unless given). A classifier
+    (``model.num_classes``, V-MoE): softmax cross-entropy, or per-class sigmoid cross-entropy."""
     loss_impl: str = "all_gather"
     """How the sigmoid loss reaches the other ranks' captions: 'all_gather' (B x W*B logits per
     rank) or 'ring' (the captions travel rank to rank, B x B at a time). Both exact."""
@@ -394,7 +395,10 @@ def resolve(raw: dict[str, Any], *, world_size: int, check_paths: bool = True) -
     _check_loss(cfg)
     check_image_tower(cfg, check_paths)
     _check_router_collapse(cfg)
-    if cfg.model.pixels:
+    if cfg.model.classifier:
+        _check(cfg.tokenizer is None, "tokenizer",
+               "a classifier (model.num_classes, V-MoE) reads image labels (.cls), not captions; drop the key")
+    elif cfg.model.pixels:
         _check(cfg.tokenizer is None, "tokenizer",
                "a CLIPPO model (model.text_input='pixels') renders its captions and has no tokenizer; drop the key")
     else:
@@ -406,6 +410,8 @@ def resolve(raw: dict[str, Any], *, world_size: int, check_paths: bool = True) -
     _check_layout(cfg, world_size)
     dp = world_size // parallel.tensor_parallel_size
     _check_batch_keys(raw, dp)
+    if cfg.model.classifier:
+        _check_classifier(cfg)
     _check_schedule(raw, train.steps)
     _check_zero(raw, parallel.expert_parallel_size)
     if check_paths:
@@ -416,6 +422,8 @@ def resolve(raw: dict[str, Any], *, world_size: int, check_paths: bool = True) -
 def _check_loss(cfg: RunConfig) -> None:
     """The sigmoid loss trains a bias (model.logit_bias_init, SigLIP's -10 unless given); the softmax
     loss has none, so a bias given with it is a mistake, not a parameter to carry silently."""
+    if cfg.model.classifier:  # V-MoE: softmax or sigmoid cross-entropy on class logits, no pair bias
+        return
     if cfg.train.loss == "sigmoid":
         if cfg.model.logit_bias_init is None:
             cfg.model.logit_bias_init = SIGMOID_BIAS_INIT
@@ -424,9 +432,23 @@ def _check_loss(cfg: RunConfig) -> None:
            f"is the sigmoid loss's bias, but train.loss is {cfg.train.loss!r}; set train.loss=sigmoid or drop it")
 
 
+def _check_classifier(cfg: RunConfig) -> None:
+    """A classifier (V-MoE, model.num_classes) trains on labelled images: no captions to encode, no
+    text prompts to score."""
+    _check(not cfg.eval.zero_shot, "eval.zero_shot",
+           "a classifier has no text tower to score prompts; its held-out top-1 is data.val's (drop the key)")
+    _check(not cfg.eval.compositional, "eval.compositional",
+           "a classifier has no text tower to score captions; drop the key")
+    _check(cfg.train.loss_impl == "all_gather", "train.loss_impl",
+           "a classifier's cross-entropy is per sample and needs no exchange; drop the key")
+    _check(cfg.grad_accum == 1, "gradient_accumulation_steps",
+           f"is {cfg.grad_accum}; a classifier trains one micro-batch per step (accumulation for classifiers is "
+           f"not implemented): raise train_micro_batch_size_per_gpu or the rank count instead")
+
+
 def _check_router_collapse(cfg: RunConfig) -> None:
     """More effective experts than the model has would be an alarm at every window."""
-    moe = cfg.model.moe or (cfg.model.text_tower.moe if cfg.model.text_tower is not None else None)
+    moe = cfg.model.any_moe
     for m, v in (cfg.logging.router_collapse.min_experts or {}).items():
         _check(moe is None or v <= moe.num_experts, f"logging.router_collapse.min_experts.{m}",
                f"must be <= model.moe.num_experts={moe.num_experts if moe else 0} (a modality spread evenly "

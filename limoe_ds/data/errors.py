@@ -15,6 +15,8 @@ SKIP_REASONS = (
     "unreadable_shard",    # a shard that is missing, not readable, or corrupt (counted once per pass)
     "damaged_shard",       # a tar that stops short: a bad header before the end of the file, data after its
                            # end-of-archive marker, or fewer samples than its index (_stats.json, manifest)
+    "missing_label",       # a classifier's sample (model.num_classes) with no .cls member, a .cls that is not
+                           # an integer, or no integer label field
 )
 """Reasons a sample (or shard) is dropped. Every drop is counted under exactly one of these."""
 

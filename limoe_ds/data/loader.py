@@ -63,7 +63,8 @@ class _BatchStream(IterableDataset):
                 if meta["counts"]:
                     yield {"_meta": meta}  # skips after the last sample still reach the counts
                 return
-            yield {"images": to_tensor(images), "tokens": self.tokenizer.encode_batch(captions, self.text_len),
+            key = getattr(self.tokenizer, "batch_key", "tokens")  # a classifier's: "labels" (data.labels)
+            yield {"images": to_tensor(images), key: self.tokenizer.encode_batch(captions, self.text_len),
                    "_meta": meta}
 
 
@@ -251,9 +252,10 @@ def _check_args(image_size: int, text_len: int, batch_size: int, dp_rank: int, d
         raise ValueError(f"dp_rank: must be in [0, dp_size={dp_size}), got {dp_rank}")
 
 
-def _spec(cfg: DataConfig, image_size: int, train: bool) -> SampleSpec:
+def _spec(cfg: DataConfig, image_size: int, train: bool, tokenizer) -> SampleSpec:
     return SampleSpec(image_size=image_size, train=train, seed=cfg.seed, max_pixels=cfg.max_image_pixels,
-                      max_caption_chars=cfg.max_caption_chars, crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio)
+                      max_caption_chars=cfg.max_caption_chars, crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio,
+                      labels=getattr(tokenizer, "batch_key", "tokens") == "labels")
 
 
 def _resolve(cfg: DataConfig, src: SourceConfig, index: int, key: str, *, train: bool = True) -> ResolvedSource:
@@ -267,7 +269,7 @@ def build_train_loader(cfg: DataConfig, *, image_size: int, tokenizer: Tokenizer
     if not cfg.train:
         raise DataError("data.train: no training source; add at least one path")
     sources = [_resolve(cfg, s, i, f"data.train[{i}]") for i, s in enumerate(cfg.train)]
-    return TrainLoader(cfg, sources, _spec(cfg, image_size, True), tokenizer=tokenizer, text_len=text_len,
+    return TrainLoader(cfg, sources, _spec(cfg, image_size, True, tokenizer), tokenizer=tokenizer, text_len=text_len,
                        batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size)
 
 
@@ -278,7 +280,7 @@ def build_eval_loader(cfg: DataConfig, *, image_size: int, tokenizer: Tokenizer,
     if cfg.val is None:
         raise DataError("data.val: no validation source; set data.val to a path")
     sources = [_resolve(cfg, cfg.val, 0, "data.val", train=False)]
-    return EvalLoader(cfg, sources, _spec(cfg, image_size, False), tokenizer=tokenizer, text_len=text_len,
+    return EvalLoader(cfg, sources, _spec(cfg, image_size, False, tokenizer), tokenizer=tokenizer, text_len=text_len,
                       batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size)
 
 

@@ -224,7 +224,11 @@ class PixelText:
 
 def text_encoder(model_cfg, tokenizer: str | None):
     """What turns a run's captions into its model's text input (``encode_batch``): the tokenizer
-    at ``tokenizer``, or for a CLIPPO model (``model.text_input='pixels'``) a ``PixelText``."""
+    at ``tokenizer``, for a CLIPPO model (``model.text_input='pixels'``) a ``PixelText``, for a
+    classifier (``model.num_classes``, V-MoE) the labels' ``data.labels.Labels``."""
+    if model_cfg.classifier:
+        from limoe_ds.data.labels import Labels
+        return Labels(model_cfg.num_classes)
     if model_cfg.pixels:
         return PixelText.for_model(model_cfg)
     from limoe_ds.data.tokenizer import Tokenizer

@@ -1,5 +1,6 @@
 """Record -> (image, caption) checks, in a fixed order so each bad sample is counted once:
-a problem seen by the reader, then the caption (cheap), then the image (decode).
+a problem seen by the reader, then the caption (cheap), then the image (decode). A classifier's
+records (V-MoE): -> (image, label), the label checked where the caption would be.
 """
 
 from __future__ import annotations
@@ -44,4 +45,15 @@ def decode_record(rec: Record, *, max_pixels: int, max_caption_chars: int) -> tu
     return decode_image(rec.image, max_pixels), caption, truncated
 
 
-__all__ = ["check_caption", "decode_record"]
+def decode_labelled(rec: Record, *, max_pixels: int) -> tuple[Image.Image, int]:
+    """-> (RGB image, integer label) or SkipSample naming the reason; the caption is not read."""
+    if rec.problem is not None:
+        raise SkipSample(rec.problem, rec.detail)
+    if rec.render is not None:
+        raise SkipSample("missing_label", "a procedural (synthetic) source has captions, not labels")
+    if rec.label is None:
+        raise SkipSample("missing_label", "no integer .cls member or label field")
+    return decode_image(rec.image, max_pixels), rec.label
+
+
+__all__ = ["check_caption", "decode_record", "decode_labelled"]

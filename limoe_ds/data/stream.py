@@ -27,7 +27,7 @@ import numpy as np
 
 from limoe_ds.data.errors import DataError, SkipSample, zero_counts
 from limoe_ds.data.image import eval_transform, train_transform
-from limoe_ds.data.samples import decode_record
+from limoe_ds.data.samples import decode_labelled, decode_record
 from limoe_ds.data.sources import Record, ResolvedSource, read_shard
 
 log = logging.getLogger(__name__)
@@ -217,6 +217,8 @@ class SampleSpec:
     max_caption_chars: int
     crop_scale: tuple[float, float]
     crop_ratio: tuple[float, float]
+    labels: bool = False
+    """A classifier's stream (V-MoE): samples are (image, integer label), not (image, caption)."""
 
 
 class WorkerStream:
@@ -241,8 +243,9 @@ class WorkerStream:
         out, self.counts = {k: v for k, v in self.counts.items() if v}, zero_counts()
         return out
 
-    def next_sample(self) -> tuple[np.ndarray, str] | None:
-        """-> (uint8 [H, W, 3], caption), or None at the end of an evaluation stream."""
+    def next_sample(self) -> tuple[np.ndarray, str | int] | None:
+        """-> (uint8 [H, W, 3], caption or, with ``spec.labels``, label), or None at the end of an
+        evaluation stream."""
         while (item := self.mixer.next()) is not None:
             try:
                 sample = self._decode(item)
@@ -254,12 +257,15 @@ class WorkerStream:
             return sample
         return None
 
-    def _decode(self, item: Item) -> tuple[np.ndarray, str]:
+    def _decode(self, item: Item) -> tuple[np.ndarray, str | int]:
         spec = self.spec
-        img, caption, truncated = decode_record(item.record, max_pixels=spec.max_pixels,
-                                                max_caption_chars=spec.max_caption_chars)
-        if truncated:
-            self._count("caption_truncated", item, f"cut to {spec.max_caption_chars} characters")
+        if spec.labels:
+            img, caption = decode_labelled(item.record, max_pixels=spec.max_pixels)
+        else:
+            img, caption, truncated = decode_record(item.record, max_pixels=spec.max_pixels,
+                                                    max_caption_chars=spec.max_caption_chars)
+            if truncated:
+                self._count("caption_truncated", item, f"cut to {spec.max_caption_chars} characters")
         if not spec.train:
             return eval_transform(img, spec.image_size), caption
         rng = np.random.default_rng([spec.seed, _CROP, item.source, item.epoch, item.shard, item.record.index])

@@ -13,6 +13,7 @@ Legend: N images, M captions, K embedding width, B batch, I image patches.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -72,8 +73,67 @@ def _device(model):
 
 def _dummy_pair(model):
     c = model.cfg
-    return {"images": torch.zeros(1, c.channels, c.image_size, c.image_size),
-            "tokens": torch.ones(1, c.text_len, dtype=torch.long)}
+    images = torch.zeros(1, c.channels, c.image_size, c.image_size)
+    if c.classifier:
+        return {"images": images, "labels": torch.zeros(1, dtype=torch.long)}
+    return {"images": images, "tokens": torch.ones(1, c.text_len, dtype=torch.long)}
+
+
+@contextlib.contextmanager
+def batch_priority(model, enabled: bool) -> Iterator[None]:
+    """While open, every MoE layer routes with Batch Priority Routing on or off (``enabled``),
+    whatever its config says: V-MoE's inference comparison (tools/capacity_curve.py)."""
+    layers = model.moe_layers()
+    saved = [layer.cfg for layer in layers]
+    try:
+        for layer in layers:
+            layer.cfg = dataclasses.replace(layer.cfg, batch_priority=enabled)
+        yield
+    finally:
+        for layer, cfg in zip(layers, saved):
+            layer.cfg = cfg
+
+
+@torch.no_grad()
+def classify_images(model, loader, *, max_batches: int = 0, record: RoutingRecord | None = None,
+                    modes: Modes = None) -> dict:
+    """A classifier's (V-MoE) held-out labelled images, all ranks: {top1, top5 (with >= 5 classes),
+    xent (softmax cross-entropy, whatever the training loss), images}; with ``modes``, {mode: that}
+    from one walk over the loader. ``record`` is filled by the first mode, as in ``embed_pairs``."""
+    device = _device(model)
+    runs = _runs(modes)
+    C = model.cfg.num_classes
+    sums = {m: torch.zeros(4, dtype=torch.float64, device=device) for m, _ in runs}  # top1, top5, xent, n
+    with expert_choices(model, enabled=record is not None and record.sample_images > 0) as experts:
+        for n, (batch, real) in enumerate(lockstep(loader, lambda: _dummy_pair(model))):
+            if max_batches and n >= max_batches:
+                break  # every rank reaches the same n: lockstep
+            images, labels = batch["images"].to(device), batch["labels"].to(device)
+            for m, cf in runs:
+                out = model(images, None, cf)
+                if record is not None and m == runs[0][0]:
+                    record.add(out, real)
+                    if real and experts and record.images_BCHW is None:
+                        record.take_sample(batch["images"], experts, model.cfg.num_patches)
+                if real:
+                    logits = out.logits.float()
+                    top = logits.topk(min(5, C), dim=1).indices
+                    hit = top == labels[:, None]
+                    sums[m] += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(),
+                                            torch.nn.functional.cross_entropy(logits, labels, reduction="sum"),
+                                            torch.tensor(float(labels.numel()), device=device)]).double()
+    if record is not None:
+        record.totals = stats.sum_over_ranks(record.totals, _group())
+    results = {}
+    for m, _ in runs:
+        collectives.sum_(sums[m], _group())
+        top1, top5, xent, count = sums[m].tolist()
+        res = {"top1": top1 / count if count else math.nan, "xent": xent / count if count else math.nan,
+               "images": int(count)}
+        if C >= 5:
+            res["top5"] = top5 / count if count else math.nan
+        results[m] = res
+    return _result(results, modes)
 
 
 @dataclass
@@ -380,7 +440,11 @@ def evaluate(model, *, val_loader=None, zero_shot_sets=(), retrieval_sets=(), co
         modes["train_cf"] = model.cfg.any_moe.capacity_factor
     out: dict[str, dict[str, float]] = {mode: {} for mode in modes}
     try:
-        if val_loader is not None:
+        if val_loader is not None and model.cfg.classifier:
+            for mode, res in classify_images(model, val_loader, max_batches=max_batches, record=record,
+                                             modes=modes).items():
+                out[mode].update({f"{mode}/val/{k}": v for k, v in res.items()})
+        elif val_loader is not None:
             pairs_by_mode = embed_pairs(model, val_loader, max_batches=max_batches, record=record, modes=modes)
             for mode, (img, txt, loss, pairs) in pairs_by_mode.items():
                 out[mode][f"{mode}/val/contrastive"] = loss

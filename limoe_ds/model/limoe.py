@@ -34,14 +34,16 @@ class LIMoEOutput:
     """[B, K], L2-normalised."""
     text_emb: torch.Tensor
     """[B, K], L2-normalised."""
-    logit_scale: torch.Tensor
-    """exp(t), a scalar with grad."""
+    logit_scale: torch.Tensor | None
+    """exp(t), a scalar with grad; None for a classifier (no contrastive temperature)."""
     aux_losses: dict[str, torch.Tensor]
     """Weighted auxiliary losses, e.g. 'moe/layer3/text/global_entropy'; the step sums them."""
     routing: list[RoutingStats]
     """Each MoE layer's routing counts and capacity, in block order."""
     logit_bias: torch.Tensor | None = None
     """b of the sigmoid loss (a scalar with grad); None for a model trained with the softmax loss."""
+    logits: torch.Tensor | None = None
+    """[B, num_classes], a classifier's (V-MoE, ``model.num_classes``) class logits; None otherwise."""
 
 
 class Attention(nn.Module):
@@ -147,20 +149,26 @@ class LIMoEModel(nn.Module):
         self.patch_embed = nn.Conv2d(cfg.channels, D, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.image_pos = nn.Parameter(torch.empty(1, cfg.num_patches, D))
         # CLIPPO (text_input='pixels'): a rendered caption goes through patch_embed, image_pos, the
-        # tower, image_pool and image_head like a photo; there are no text-only parameters
-        self.token_embed = None if cfg.pixels else nn.Embedding(cfg.vocab_size, Dt)
-        self.text_pos = None if cfg.pixels else nn.Parameter(torch.empty(1, cfg.text_len, Dt))
+        # tower, image_pool and image_head like a photo; there are no text-only parameters. A
+        # classifier (V-MoE, num_classes) has no text at all.
+        no_text = cfg.pixels or cfg.classifier
+        self.token_embed = None if no_text else nn.Embedding(cfg.vocab_size, Dt)
+        self.text_pos = None if no_text else nn.Parameter(torch.empty(1, cfg.text_len, Dt))
         self.blocks = nn.ModuleList(Block(cfg, i, ep_size) for i in range(cfg.depth))
         """The one tower's blocks, or the image tower's."""
         self.final_ln = nn.LayerNorm(D)
         self.text_tower = TextTower(cfg, ep_size) if cfg.two_tower else None
         if cfg.pooling == "map":
             self.image_pool = MAPHead(D, cfg.num_heads, cfg.mlp_dim)
-            self.text_pool = None if cfg.pixels else MAPHead(Dt, text.num_heads, text.mlp_dim)
+            self.text_pool = None if no_text else MAPHead(Dt, text.num_heads, text.mlp_dim)
         self.image_head = nn.Linear(D, cfg.embed_dim)
-        self.text_head = None if cfg.pixels else nn.Linear(Dt, cfg.embed_dim)
+        """The image embedding; a classifier's pre-logits (class_head reads it, before the L2 norm)."""
+        self.text_head = None if no_text else nn.Linear(Dt, cfg.embed_dim)
+        self.class_head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.classifier else None
+        """V-MoE's classification head, zero-initialised (big_vision's head_zeroinit): at step 0
+        every class has logit 0 (softmax cross-entropy log C)."""
         # t, with exp(t) the inverse temperature; shape [1], not [] (DeepSpeed cannot broadcast 0-dim params)
-        self.logit_scale = nn.Parameter(torch.empty(1))
+        self.logit_scale = None if cfg.classifier else nn.Parameter(torch.empty(1))
         # b, the sigmoid loss's learned bias (train.loss=sigmoid); a softmax model has none
         self.logit_bias = nn.Parameter(torch.empty(1)) if cfg.logit_bias_init is not None else None
         self.activation_checkpointing = False
@@ -235,6 +243,8 @@ class LIMoEModel(nn.Module):
         CONFIGURED (``moe.capacity_factor`` in training mode, ``moe.eval_capacity_factor`` in eval)."""
         if images_BCHW is None and tokens_BT is None:
             raise ValueError("forward needs images, tokens, or both")
+        if self.cfg.classifier and tokens_BT is not None:
+            raise ValueError("a classifier (model.num_classes, V-MoE) reads images only; call it with tokens=None")
         img_BID = (self.embed_images(images_BCHW) if images_BCHW is not None
                    else self.image_pos.new_zeros(0, self.cfg.num_patches, self.cfg.width))
         if tokens_BT is not None:
@@ -244,7 +254,10 @@ class LIMoEModel(nn.Module):
             txt_valid_BT = torch.zeros(0, self.cfg.text_positions, dtype=torch.bool, device=txt_BTD.device)
         img_BID, txt_BTD, aux, stats = self._tower(img_BID, txt_BTD, txt_valid_BT, capacity_factor)
         img_valid_BI = torch.ones(img_BID.shape[:2], dtype=torch.bool, device=img_BID.device)
-        image_emb = F.normalize(self.image_head(self._pool(img_BID, img_valid_BI, "image")), dim=-1)
+        pre_logits = self.image_head(self._pool(img_BID, img_valid_BI, "image"))
+        image_emb = F.normalize(pre_logits, dim=-1)
+        if self.class_head is not None:  # V-MoE: image-only, no text, no temperature
+            return LIMoEOutput(image_emb, image_emb[:0], None, aux, stats, logits=self.class_head(pre_logits))
         text = "image" if self.cfg.pixels else "text"  # CLIPPO: the image pooling and head for both
         text_emb = F.normalize(getattr(self, f"{text}_head")(self._pool(txt_BTD, txt_valid_BT, text)), dim=-1)
         bias = self.logit_bias[0] if self.logit_bias is not None else None
@@ -256,12 +269,21 @@ class LIMoEModel(nn.Module):
 
     def encode_text(self, tokens_BT: torch.Tensor, capacity_factor=CONFIGURED) -> torch.Tensor:
         """L2-normalised text embeddings [B, K]."""
+        if self.cfg.classifier:
+            raise ValueError("a classifier (model.num_classes, V-MoE) has no text input; use classify(images)")
         return self(None, tokens_BT, capacity_factor).text_emb
+
+    def classify(self, images_BCHW: torch.Tensor, capacity_factor=CONFIGURED) -> torch.Tensor:
+        """A classifier's class logits [B, num_classes]."""
+        if not self.cfg.classifier:
+            raise ValueError("classify needs a classifier (model.num_classes, e.g. model.preset=tiny-vmoe)")
+        return self(images_BCHW, None, capacity_factor).logits
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
         """exp(t) <= temperature_max, applied after each optimizer step (open_clip), not in forward."""
-        self.logit_scale.clamp_(max=math.log(self.cfg.temperature_max))
+        if self.logit_scale is not None:
+            self.logit_scale.clamp_(max=math.log(self.cfg.temperature_max))
 
     def all_blocks(self) -> list[Block]:
         """Every block of the model in index order: the one tower's, or the image tower's then the text tower's."""
@@ -291,6 +313,8 @@ def init_weights(model: LIMoEModel, seed: int) -> None:
                 p.fill_(math.log(cfg.temperature_init))
             elif p is model.logit_bias:
                 p.fill_(cfg.logit_bias_init)
+            elif mod is model.class_head:
+                p.zero_()
             elif isinstance(mod, nn.LayerNorm):
                 p.fill_(1.0 if p_name == "weight" else 0.0)
             elif p_name.endswith("bias"):
@@ -341,13 +365,13 @@ def param_counts(model: LIMoEModel) -> dict[str, int]:
     # embedding, its tower with 1/E of each MoE layer's experts, its pooling and head; not the
     # token-embedding table, a lookup): the per-token compute a compute-matched comparison of one-
     # and two-tower models equalises
-    for m in ("image", "text"):
+    for m in ("image",) if model.cfg.classifier else ("image", "text"):
         counts[f"active_params_per_{m}_token"] = sum(p.numel() // (E if split_expert_name(n) else 1)
                                                      for n, p in model.named_parameters() if m in _used_by(n, model))
     return counts
 
 
-_IMAGE_ONLY = ("patch_embed.", "image_pos", "image_pool.", "image_head.")
+_IMAGE_ONLY = ("patch_embed.", "image_pos", "image_pool.", "image_head.", "class_head.")
 _TEXT_ONLY = ("text_pos", "text_pool.", "text_head.", "text_tower.")
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from limoe_ds import parallel
 from limoe_ds.compat import deepspeed as compat
-from limoe_ds.losses import pair_loss
+from limoe_ds.losses import classification_loss, pair_loss
 from limoe_ds.model.limoe import LIMoEModel, MAPHead
 from limoe_ds.moe.stats import RoutingStats
 from limoe_ds.parallel.collectives import all_finite
@@ -100,17 +100,24 @@ class StepResult:
     skipped: bool
     loss: float
     contrastive: float
+    """The task loss: the contrastive loss, or a classifier's cross-entropy."""
     aux: dict[str, float]
     routing: list[RoutingStats]
+    task: str = "contrastive"
+    """The task loss's name in the metrics: 'contrastive', or a classifier's 'xent'."""
 
 
-def train_step(engine, batch: dict[str, torch.Tensor], loss_impl: str = "all_gather") -> StepResult:
+def train_step(engine, batch: dict[str, torch.Tensor], loss_impl: str = "all_gather",
+               loss: str = "softmax") -> StepResult:
     """One optimizer step on this rank's batch. A non-finite loss on any rank skips the step on
     every rank. With ``gradient_accumulation_steps`` k > 1 the batch is k micro-batches, trained
     by gradient caching (grad_cached_step).
 
     The contrastive loss is the model's (limoe_ds.losses.pair_loss: sigmoid when it has a bias);
-    ``loss_impl`` says how the sigmoid loss reaches the other ranks' captions."""
+    ``loss_impl`` says how the sigmoid loss reaches the other ranks' captions. A classifier
+    (``"labels"`` in the batch, V-MoE) trains on ``classification_step`` with ``loss``."""
+    if "labels" in batch:
+        return classification_step(engine, batch, loss)
     if engine.gradient_accumulation_steps() > 1:
         return grad_cached_step(engine, batch, loss_impl)
     device = engine.device
@@ -126,6 +133,23 @@ def train_step(engine, batch: dict[str, torch.Tensor], loss_impl: str = "all_gat
     total, contr, *aux = torch.stack([loss.detach(), contrastive.detach(),
                                       *(v.detach().float() for v in out.aux_losses.values())]).tolist()
     return StepResult(False, total, contr, dict(zip(out.aux_losses, aux)), out.routing)
+
+
+def classification_step(engine, batch: dict[str, torch.Tensor], kind: str = "softmax") -> StepResult:
+    """One optimizer step of a classifier (V-MoE): softmax or sigmoid cross-entropy on the class
+    logits plus the MoE auxiliary losses; a non-finite loss on any rank skips the step on every rank.
+    One micro-batch per step (the config refuses gradient accumulation for a classifier)."""
+    device = engine.device
+    out = engine(batch["images"].to(device), None)
+    xent = classification_loss(out.logits, batch["labels"].to(device), kind)
+    loss = xent + sum(out.aux_losses.values())
+    if not all_finite(loss.detach()):
+        return StepResult(True, float("nan"), float("nan"), {}, out.routing, "xent")
+    engine.backward(loss)
+    engine.step()
+    total, task, *aux = torch.stack([loss.detach(), xent.detach(),
+                                     *(v.detach().float() for v in out.aux_losses.values())]).tolist()
+    return StepResult(False, total, task, dict(zip(out.aux_losses, aux)), out.routing, "xent")
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """What a run reports: rank 0's output, TensorBoard + metrics.jsonl, and every metric name.
 
-Metric names are made here and nowhere else: ``loss/total``, ``loss/contrastive``, ``aux/<aux key>``
-(``moe.stats.aux_key``), ``routing/layerL/<modality>/<quantity>``, ``train/...`` (``train/logit_bias``
-with the sigmoid loss), ``data/skipped/<reason>``,
+Metric names are made here and nowhere else: ``loss/total``, ``loss/contrastive`` (a classifier's
+``loss/xent``), ``aux/<aux key>`` (``moe.stats.aux_key``), ``routing/layerL/<modality>/<quantity>``,
+``train/...`` (``train/logit_bias`` with the sigmoid loss), ``data/skipped/<reason>``,
 ``memory/max_allocated_gib``; evaluation keys are ``<mode>/...`` (``limoe_ds.eval.run.evaluate``).
 """
 
@@ -33,20 +33,21 @@ def log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def loss_metrics(loss: float, contrastive: float, aux: dict[str, float]) -> dict[str, float]:
-    """One step's losses by metric name."""
-    return {"loss/total": loss, "loss/contrastive": contrastive, **{f"aux/{k}": v for k, v in aux.items()}}
+def loss_metrics(loss: float, contrastive: float, aux: dict[str, float], task: str = "contrastive") -> dict[str, float]:
+    """One step's losses by metric name (a classifier's task loss is ``loss/xent``)."""
+    return {"loss/total": loss, f"loss/{task}": contrastive, **{f"aux/{k}": v for k, v in aux.items()}}
 
 
 def routing_metrics(summary: dict[str, dict]) -> dict[str, float]:
     """``stats.summarize`` output -> {'routing/layer3/image/success_rate': ..., ...}."""
     return {f"routing/{layer}/{m}/{q}": s[m][q] for layer, s in summary.items() for m in MODALITIES
-            for q in ROUTING_QUANTITIES}
+            if s[m]["routed_tokens"] for q in ROUTING_QUANTITIES}  # a classifier routes no text
 
 
 def success_rates(summary: dict[str, dict]) -> dict[str, float]:
     """{'layer3/image': routing success rate, ...} for the run summary."""
-    return {f"{layer}/{m}": round(s[m]["success_rate"], 4) for layer, s in summary.items() for m in MODALITIES}
+    return {f"{layer}/{m}": round(s[m]["success_rate"], 4) for layer, s in summary.items() for m in MODALITIES
+            if s[m]["routed_tokens"]}
 
 
 class MetricsLog:
@@ -105,6 +106,6 @@ class Window:
     def add(self, r) -> None:
         """One step's ``engine.StepResult``."""
         self.steps += 1
-        for k, v in loss_metrics(r.loss, r.contrastive, r.aux).items():
+        for k, v in loss_metrics(r.loss, r.contrastive, r.aux, r.task).items():
             self.losses[k] = self.losses.get(k, 0.0) + v
         stats.accumulate(self.routing, r.routing)

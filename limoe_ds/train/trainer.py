@@ -81,7 +81,8 @@ class Trainer:
                                       tp=cfg.parallel.tensor_parallel_size)
         parallel.setup(self.layout)
         self.tokenizer = text_encoder(cfg.model, cfg.tokenizer)
-        """The captions' encoder: the tokenizer, or a CLIPPO model's renderer (limoe_ds.data.render)."""
+        """The captions' encoder: the tokenizer, a CLIPPO model's renderer (limoe_ds.data.render), or
+        a classifier's labels (limoe_ds.data.labels)."""
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"tokenizer: vocabulary {self.tokenizer.vocab_size} > model.vocab_size "
                               f"{cfg.model.vocab_size}; train a smaller tokenizer or raise model.vocab_size")
@@ -265,7 +266,7 @@ class Trainer:
 
     def train_step(self, batch) -> bool:
         """One optimizer step; False when a non-finite loss skipped it (on every rank)."""
-        r = ds_engine.train_step(self.engine, batch, loss_impl=self.cfg.train.loss_impl)
+        r = ds_engine.train_step(self.engine, batch, loss_impl=self.cfg.train.loss_impl, loss=self.cfg.train.loss)
         if r.skipped:
             self.nonfinite += 1
             self.skipped_steps += 1
@@ -315,12 +316,13 @@ class Trainer:
         scalars.update({
             "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
             "train/lr": self.scheduler.get_last_lr()[0] if self.scheduler is not None else engine.get_lr()[0],
-            "train/temperature": engine.module.logit_scale.exp().item(),
             "train/samples_per_s": window.steps * self.samples_per_step / elapsed,
             "train/tokens_per_s": window.steps * self.samples_per_step * self.tokens_per_sample / elapsed,
             "train/skipped_steps": self.skipped_steps,
             **{f"data/skipped/{k}": v for k, v in self._data_skips().items()},
         })
+        if engine.module.logit_scale is not None:  # a classifier has no temperature
+            scalars["train/temperature"] = engine.module.logit_scale.exp().item()
         if engine.module.logit_bias is not None:  # the sigmoid loss's learned bias
             scalars["train/logit_bias"] = engine.module.logit_bias.item()
         if torch.cuda.is_available():  # rank 0's peak, to compare with tools/model_summary.py --layout
@@ -338,7 +340,8 @@ class Trainer:
     def summary(self, results: dict[str, float], train_seconds: float) -> dict:
         step, start = self.step, self.start
         return {"steps": step, "resumed_from_step": start,
-                "final_train_contrastive": self.losses[-1] if self.losses else None,
+                f"final_train_{'xent' if self.cfg.model.classifier else 'contrastive'}":
+                    self.losses[-1] if self.losses else None,
                 "eval": {k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()},
                 "skipped_steps": self.skipped_steps, "data_skips": {k: v for k, v in self._data_skips().items() if v},
                 "checkpoint": str(checkpoint.find_latest(self.ckpt_root)),

@@ -1,0 +1,182 @@
+"""V-MoE (model.num_classes): the same blocks as an image-only classifier, trained with cross-entropy
+on labelled images (data/fmnist) with top-1 routing and BPR; its export is a LiT image tower."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from limoe_ds.config.errors import ConfigError
+from limoe_ds.config.model import get_preset
+from limoe_ds.losses import classification_loss
+from limoe_ds.model import build_model
+from limoe_ds.model.limoe import param_counts
+from test_collapse import _resolve
+from test_train import ROOT, _launch, _losses
+
+FMNIST = ROOT / "data" / "fmnist"
+VMOE = ["model.preset=tiny-vmoe", "tokenizer=null", "eval.zero_shot=[]", f"data.train={FMNIST / 'train'}",
+        f"data.val={FMNIST / 'test'}"]
+
+
+def test_the_vmoe_twin_is_the_image_tower_with_a_zero_head():
+    tiny, vmoe = build_model("tiny"), build_model("tiny-vmoe")
+    assert vmoe.cfg.name == "tiny-vmoe" and vmoe.cfg.num_classes == 10 and get_preset("b16-vmoe").num_classes == 1000
+    assert get_preset("h14-vmoe-dense").moe is None and get_preset("s32-vmoe").classifier
+    # V-MoE's auxiliary losses (importance + load), not LIMoE's entropy losses
+    assert vmoe.cfg.moe.local_entropy_weight == vmoe.cfg.moe.global_entropy_weight == {"image": 0.0, "text": 0.0}
+    assert vmoe.cfg.moe.importance_weight == vmoe.cfg.moe.load_weight == 0.005
+    names, mine = dict(tiny.named_parameters()), dict(vmoe.named_parameters())
+    text_only = {"token_embed.weight", "text_pos", "text_head.weight", "text_head.bias", "logit_scale"}
+    assert set(names) - set(mine) == text_only and set(mine) - set(names) == {"class_head.weight", "class_head.bias"}
+    for name, p in vmoe.named_parameters():  # the image tower initialises as the contrastive model's
+        if not name.startswith("class_head."):
+            assert torch.equal(p, names[name]), name
+    counts = param_counts(vmoe)
+    assert counts["total_params"] == 1_629_194 and counts["expert_params"] == param_counts(tiny)["expert_params"]
+    assert "active_params_per_text_token" not in counts
+    # + the 128 x 10 head and its 10 biases, - the temperature
+    assert counts["active_params_per_image_token"] == param_counts(tiny)["active_params_per_image_token"] + 1290 - 1
+    # zero-initialised head: every class has logit 0 at step 0
+    out = vmoe(torch.rand(6, 3, 32, 32) * 2 - 1, None)
+    labels = torch.tensor([0, 1, 2, 3, 9, 9])
+    assert out.logits.shape == (6, 10) and out.logit_scale is None and out.text_emb.shape == (0, 128)
+    assert classification_loss(out.logits, labels).item() == pytest.approx(math.log(10), abs=1e-6)
+    assert classification_loss(out.logits, labels, "sigmoid").item() == pytest.approx(10 * math.log(2), abs=1e-5)
+    assert all(torch.isfinite(v) for v in out.aux_losses.values())
+    for s in out.routing:  # image patches only: the text pool is empty
+        assert s.routed_ME.sum(dim=1).tolist() == [6 * 16, 0]
+
+
+def test_the_classifier_refuses_text_and_the_contrastive_model_refuses_classify():
+    vmoe, tiny = build_model("tiny-vmoe"), build_model("tiny")
+    with pytest.raises(ValueError, match="reads images only"):
+        vmoe(torch.zeros(1, 3, 32, 32), torch.ones(1, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="has no text input"):
+        vmoe.encode_text(torch.ones(1, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="classify needs a classifier"):
+        tiny.classify(torch.zeros(1, 3, 32, 32))
+
+
+def test_batch_priority_switches_the_routing_of_every_layer_and_restores_it():
+    """At a capacity factor of 0.25 most patches are dropped: which ones depends on BPR; dropless
+    drops none, so BPR changes nothing there."""
+    from limoe_ds.eval.run import batch_priority
+    model = build_model("tiny-vmoe", seed=1).eval()
+    with torch.no_grad():
+        for layer in model.moe_layers():  # a head that reads the pooled features
+            layer.deepspeed_moe.experts.deepspeed_experts[0].fc1.weight.mul_(3)
+        model.class_head.weight.normal_(generator=torch.Generator().manual_seed(0))
+        x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        on = model.classify(x, 0.25)
+        with batch_priority(model, False):
+            assert not any(layer.cfg.batch_priority for layer in model.moe_layers())
+            off, off_dropless = model.classify(x, 0.25), model.classify(x, None)
+        assert all(layer.cfg.batch_priority for layer in model.moe_layers())
+        assert not torch.allclose(on, off)
+        torch.testing.assert_close(off_dropless, model.classify(x, None), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["model.preset=tiny-vmoe"], "tokenizer: a classifier (model.num_classes, V-MoE) reads image labels"),
+    (["model.preset=tiny-vmoe", "tokenizer=null"], "eval.zero_shot: a classifier has no text tower"),
+    ([*VMOE, "train.loss_impl=ring", "train.loss=sigmoid"], "train.loss_impl: a classifier's cross-entropy"),
+    ([*VMOE, "ds.gradient_accumulation_steps=2"], "gradient_accumulation_steps: is 2; a classifier trains one"),
+    ([*VMOE, "model.num_classes=1"], "model.num_classes: must be >= 2"),
+    (["model.preset=tiny-2t", "model.num_classes=10", "tokenizer=null"], "a classifier (V-MoE) is image-only"),
+    (["model.preset=tiny-clippo-vmoe"], "unknown preset 'tiny-clippo-vmoe'"),
+])
+def test_vmoe_config_errors_name_the_key(sets, message):
+    with pytest.raises((ConfigError, ValueError)) as e:
+        _resolve(*sets)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_sigmoid_classifier_has_no_pair_bias():
+    cfg = _resolve(*VMOE, "train.loss=sigmoid")
+    assert cfg.model.logit_bias_init is None and build_model(cfg.model).logit_bias is None
+
+
+@pytest.mark.integration  # the deepspeed launcher (_launch)
+def test_vmoe_runs_resumes_exports_evaluates_and_starts_a_lit_run(tmp_path):
+    """tiny-vmoe through the real entry point on 2 ranks with expert parallelism 2: cross-entropy
+    from log 10, image-only routing statistics, a bitwise resume from step 2, top-1 on the 10k
+    test images that tools/evaluate.py on one rank reproduces exactly (dropless: per image, batch-
+    independent), an export without tokenizer whose classify agrees; then the V-MoE -> LiT chain:
+    the export as the locked image tower of a tiny-2t run, which trains its text tower and
+    reports zero-shot accuracy."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import convert_checkpoint as convert_tool
+    import evaluate as evaluate_tool
+    from limoe_ds import load_pretrained
+    from limoe_ds.checkpoint import io as checkpoint
+    sets = [*VMOE, "train.save_every=2", "eval.max_batches=0", "eval.batch_size=1000"]
+    full = _launch(tmp_path / "full", 4, sets)
+    out, _ = full.communicate(timeout=600)
+    assert full.returncode == 0, out[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if "loss/xent" in r)
+    assert first["step"] == 1 and first["loss/xent"] == pytest.approx(math.log(10), abs=1e-5)
+    assert not any(k.startswith("routing/") and "/text/" in k for r in rows for k in r)
+    assert all(r["routing/layer1/image/success_rate"] > 0 for r in rows if "routing/layer1/image/success_rate" in r)
+    final = [r for r in rows if "dropless/val/top1" in r][-1]
+    assert final["dropless/val/images"] == 10000 and 0.1 < final["dropless/val/top1"] <= 1
+    resumed = _launch(tmp_path / "resumed", 4, [*sets, "eval.max_batches=1", "--resume",
+                                                str(tmp_path / "full" / "checkpoints" / "step00000002")])
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert sorted(b) == [3, 4] and [a[s] for s in b] == [b[s] for s in b]
+    ckpt = tmp_path / "full" / "checkpoints" / "step00000004"
+    assert evaluate_tool.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "report.json")]) == 0
+    got = json.loads((tmp_path / "report.json").read_text())["metrics"]
+    for k in ("dropless/val/top1", "dropless/val/top5", "dropless/val/images"):
+        assert got[k] == final[k], k
+    assert convert_tool.main(["export", str(ckpt), str(tmp_path / "export")]) == 0
+    assert not (tmp_path / "export" / "tokenizer.json").exists()
+    loaded = load_pretrained(tmp_path / "export")
+    for name, value in checkpoint.consolidated_model_state(ckpt).items():
+        assert torch.equal(loaded.model.state_dict()[name], value), name
+    assert loaded.tokenizer is None and loaded.logit_scale is None
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    model = build_model(loaded.cfg)
+    model.load_state_dict(checkpoint.consolidated_model_state(ckpt))
+    torch.testing.assert_close(loaded.classify(x), model.eval().classify(x, None), rtol=0, atol=0)
+    # V-MoE -> LiT: the classifier's image tower, locked, under a new text tower
+    lit = _launch(tmp_path / "lit", 2, ["model.preset=tiny-2t", f"train.image_tower={tmp_path / 'export'}"])
+    out, _ = lit.communicate(timeout=600)
+    assert lit.returncode == 0, out[-3000:]
+    assert "image tower from" in out and "image tower locked" in out
+    lit_rows = [json.loads(line) for line in (tmp_path / "lit" / "metrics.jsonl").read_text().splitlines()]
+    assert any("dropless/zeroshot/fashion_mnist/top1" in r for r in lit_rows)
+    lit_state = checkpoint.consolidated_model_state(tmp_path / "lit" / "checkpoints" / "step00000002")
+    for name, value in loaded.model.state_dict().items():  # locked: the export's values after training
+        if not name.startswith("class_head."):
+            assert torch.equal(lit_state[name], value), name
+
+
+@pytest.mark.parametrize("name,world", [("s32", 8), ("b16", 32), ("l16", 64), ("h14", 256)])
+def test_vmoe_gpu_configs_are_their_preset_as_an_imagenet_classifier(name, world):
+    """ds_configs/NAME_vmoe.json: NAME.json with the V-MoE twin on ImageNet-1k WebDataset shards
+    (KEY.jpg + KEY.cls), no tokenizer or zero-shot sets; validated for its cluster, and its memory
+    estimate (image patches only) fits an 80 GB GPU."""
+    from limoe_ds.config import run as run_config
+    from limoe_ds.parallel.memory import estimate
+    base = json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
+    vmoe = json.loads((ROOT / "ds_configs" / f"{name}_vmoe.json").read_text())
+    assert vmoe["limoe"]["model"].pop("preset") == f"{name}-vmoe" and base["limoe"]["model"].pop("preset") == name
+    assert vmoe["limoe"]["train"].pop("run_dir") == f"runs/{name}_vmoe"
+    assert "imagenet" in vmoe["limoe"].pop("data")["val"] and "tokenizer" not in vmoe["limoe"]
+    base["limoe"]["train"].pop("run_dir"), base["limoe"].pop("data"), base["limoe"].pop("tokenizer")
+    base["limoe"]["eval"].pop("zero_shot", None)
+    assert vmoe == base
+    cfg = run_config.load(ROOT / "ds_configs" / f"{name}_vmoe.json", world_size=world, check_paths=False)
+    assert cfg.model.classifier and cfg.model.num_classes == 1000 and cfg.model.text_positions == 0
+    tp, ep = cfg.parallel.tensor_parallel_size, cfg.parallel.expert_parallel_size
+    mem = estimate(cfg.model, tp=tp, ep=ep, dp=world // tp, zero_stage=cfg.deepspeed["zero_optimization"]["stage"],
+                   micro_batch=cfg.micro_batch_size, activation_checkpointing=cfg.train.activation_checkpointing)
+    assert mem.total_gib < 80, mem
