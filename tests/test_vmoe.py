@@ -180,3 +180,27 @@ def test_vmoe_gpu_configs_are_their_preset_as_an_imagenet_classifier(name, world
     mem = estimate(cfg.model, tp=tp, ep=ep, dp=world // tp, zero_stage=cfg.deepspeed["zero_optimization"]["stage"],
                    micro_batch=cfg.micro_batch_size, activation_checkpointing=cfg.train.activation_checkpointing)
     assert mem.total_gib < 80, mem
+
+
+def test_the_capacity_curve_routes_the_share_the_capacity_allows(tmp_path):
+    """tools/capacity_curve.py's rows: dropless routes every patch; at cf the share routed is at most
+    E x C / pool (C = cf x pool / E rounded up to capacity_multiple_of), with BPR and without."""
+    sys.path[:0] = [str(ROOT / "tools"), str(ROOT / "tests" / "data")]
+    from capacity_curve import curve, markdown
+    from data_helpers import image_bytes, write_tar
+    from limoe_ds.data import DataConfig, build_eval_loader
+    from limoe_ds.data.labels import Labels
+    members = [m for i in range(20) for m in ((f"s{i:02d}.png", image_bytes(i, (32, 32))),
+                                             (f"s{i:02d}.cls", str(i % 10).encode()))]
+    path = write_tar(tmp_path / "lab-000.tar", members)
+    loader = build_eval_loader(DataConfig(val=str(path), num_workers=0), image_size=32, tokenizer=Labels(10),
+                               text_len=16, batch_size=10, dp_rank=0, dp_size=1)
+    rows = curve(build_model("tiny-vmoe").eval(), loader, [0.25, 1.0])
+    assert [(r["cf"], r["bpr"]) for r in rows] == [(None, True), (0.25, True), (0.25, False), (1.0, True), (1.0, False)]
+    assert all(r["images"] == 20 for r in rows) and rows[0]["success"] == {"layer1": 1.0, "layer3": 1.0}
+    pool, E = 10 * 16, 4
+    for r in rows[1:]:  # C = ceil(cf * 160 / 4) rounded up to a multiple of 4: 12 (cf 0.25), 40 (cf 1)
+        cap = {0.25: 12, 1.0: 40}[r["cf"]]
+        assert all(0 < s <= E * cap / pool for s in r["success"].values()), r
+    table = markdown(rows)
+    assert table.splitlines()[2].startswith("| dropless | ") and "| 0.25 | " in table
