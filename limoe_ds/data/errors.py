@@ -20,8 +20,10 @@ SKIP_REASONS = (
 )
 """Reasons a sample (or shard) is dropped. Every drop is counted under exactly one of these."""
 
-NOTE_REASONS = ("caption_truncated",)
-"""Counted but the sample is kept: caption cut to DataConfig.max_caption_chars."""
+NOTE_REASONS = ("caption_truncated", "caption_glyphs_missing", "caption_render_truncated")
+"""Counted but the sample is kept: caption cut to DataConfig.max_caption_chars; a CLIPPO model's
+rendered caption with a character the font lacks (drawn as a gap), or cut at the image's last
+line (limoe_ds.data.render.PixelText)."""
 
 LOSS_KEYS = ("samples_lost",)
 """Samples a damaged or unreadable shard should have held (its index says how many) but did not

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from limoe_ds.config.data import DataConfig, SourceConfig
 from limoe_ds.data.errors import DataError, zero_counts
 from limoe_ds.data.image import to_tensor
+from limoe_ds.data.render import PixelText
 from limoe_ds.data.sources import ResolvedSource, resolve_source
 from limoe_ds.data.stream import ReaderId, SampleSpec, SourcePos, WorkerStream
 from limoe_ds.data.tokenizer import Tokenizer
@@ -64,8 +65,11 @@ class _BatchStream(IterableDataset):
                     yield {"_meta": meta}  # skips after the last sample still reach the counts
                 return
             key = getattr(self.tokenizer, "batch_key", "tokens")  # a classifier's: "labels" (data.labels)
-            yield {"images": to_tensor(images), key: self.tokenizer.encode_batch(captions, self.text_len),
-                   "_meta": meta}
+            if isinstance(self.tokenizer, PixelText):  # a CLIPPO renderer: missing glyphs, cut captions noted
+                encoded = self.tokenizer.encode_batch(captions, self.text_len, notes=meta["counts"])
+            else:
+                encoded = self.tokenizer.encode_batch(captions, self.text_len)
+            yield {"images": to_tensor(images), key: encoded, "_meta": meta}
 
 
 def _one_line(e: Exception) -> str:

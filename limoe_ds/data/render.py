@@ -193,7 +193,10 @@ class PixelText:
     """The text input of a CLIPPO model (``model.text_input='pixels'``): where a token model has a
     tokenizer, ``encode_batch(captions)`` renders them at the model's image size and glyph size and
     returns what a photo batch is, float32 [B, 3, H, W] in [-1, 1]. Counts what it could not draw
-    (``missing``, ``truncated``: characters, in this process)."""
+    (``missing``, ``truncated``: characters, in this process); ``encode_batch(..., notes=d)`` also
+    counts into ``d`` per caption what the data loader adds to its counts: ``caption_glyphs_missing``
+    (a character the font lacks) and ``caption_render_truncated`` (cut at the image's last line),
+    logged as ``data/skipped/<note>`` though the caption is kept."""
 
     vocab_size = 0
     """No vocabulary (the trainer's vocabulary check passes)."""
@@ -206,15 +209,20 @@ class PixelText:
     def for_model(cls, cfg, font: str = UNIFONT) -> "PixelText":
         return cls(cfg.image_size, cfg.text_font_size, font)
 
-    def encode_batch(self, texts: list[str], text_len: int | None = None) -> torch.Tensor:
+    def encode_batch(self, texts: list[str], text_len: int | None = None,
+                     notes: dict[str, int] | None = None) -> torch.Tensor:
         """Rendered captions as float32 [B, 3, H, W] in [-1, 1] (``text_len``, a tokenizer's
-        argument, is ignored)."""
+        argument, is ignored); ``notes``: per-caption counts added to it (see the class)."""
         from limoe_ds.data.image import to_tensor
         out = []
         for t in texts:
             r = self.renderer.render(t)
             self.missing += r.missing
             self.truncated += r.truncated
+            if notes is not None:
+                for key, hit in (("caption_glyphs_missing", r.missing), ("caption_render_truncated", r.truncated)):
+                    if hit:
+                        notes[key] = notes.get(key, 0) + 1
             out.append(r.image)
         if not out:
             size = self.renderer.image_size

@@ -124,3 +124,19 @@ def test_a_smaller_font_fits_more_lines_and_bad_settings_are_clear_errors(tmp_pa
     with pytest.raises(ValueError, match="bad.hex:1: not a Unifont hex line"):
         UnifontRenderer(32, font=str(bad))
     assert UNIFONT.endswith("unifont.hex")
+
+
+def test_the_loader_notes_captions_with_missing_glyphs_or_cut_off(tmp_path):
+    """A CLIPPO loader counts, per caption, what its renderer could not draw (data/skipped/<note>),
+    and keeps the sample; a token model's loader notes nothing of the kind."""
+    from data_helpers import image_bytes, write_tar
+    from limoe_ds.data import DataConfig, build_eval_loader
+    from limoe_ds.data.render import PixelText
+    captions = ["a cat", "a dog \U0001F415", "x" * 200, "a bird", "\u4e00 and more text than four lines hold " * 3]
+    members = [m for i, c in enumerate(captions) for m in ((f"s{i}.png", image_bytes(i)), (f"s{i}.txt", c.encode()))]
+    path = write_tar(tmp_path / "cap-000.tar", members)
+    ev = build_eval_loader(DataConfig(val=str(path), num_workers=0), image_size=32, tokenizer=PixelText(32, 8),
+                           text_len=16, batch_size=2, dp_rank=0, dp_size=1)
+    assert sum(b["tokens"].shape[0] for b in ev) == 5  # every caption kept
+    counts = {k: v for k, v in ev.skip_counts().items() if v}
+    assert counts == {"caption_glyphs_missing": 1, "caption_render_truncated": 2}, counts
