@@ -49,7 +49,10 @@ def towers(model_cfg, summary: dict) -> dict[str, str]:
     """{layer key: 'shared' (one tower: both modalities), 'image' or 'text' (a two-tower model's)}."""
     out = {}
     for key in summary:
-        index = int(key.removeprefix("layer"))
+        index = int(key.removeprefix("layer").split(".")[0])  # 'layer3', VL-MoE's 'layer3.image'
+        if "." in key:
+            out[key] = key.split(".")[1]  # a per-modality pool
+            continue
         out[key] = ("shared" if not model_cfg.two_tower else
                     "image" if index < model_cfg.text_block_offset else "text")
     return out

@@ -51,6 +51,11 @@ class MoEConfig:
     C_m = ceil(cf * slots_m / E) from that modality's slots in the pool (text padding included),
     so that image patches (~90% of a B/16 pool) can never take the slots text needs; BPR orders
     tokens within each budget. False: one shared buffer of C = ceil(cf * slots / E) (LIMoE)."""
+    modality_experts: bool = False
+    """VL-MoE (Shen et al. 2023): each MoE layer holds two expert pools with routers of their own,
+    ``num_experts`` experts for image patches and ``num_experts`` for text tokens; a token is
+    routed within its modality's pool only (the per-modality losses, BPR and capacity apply per
+    pool). False: one pool shared by both modalities (LIMoE)."""
     noise_std: float = 1.0
     """sigma; the router adds N(0, (sigma/E)^2) to the logits in training (V-MoE). 0 disables."""
     importance_weight: float = 0.005
@@ -77,6 +82,9 @@ class MoEConfig:
                "must be > 0, or null for dropless evaluation")
         _check(self.capacity_multiple_of >= 1, "model.moe.capacity_multiple_of", "must be >= 1")
         _check(self.noise_std >= 0, "model.moe.noise_std", "must be >= 0")
+        _check(not (self.modality_experts and self.modality_capacity), "model.moe.modality_capacity",
+               "splits one shared pool's buffers by modality; with model.moe.modality_experts each pool holds one "
+               "modality already: drop one of them")
         for key in ("importance_weight", "load_weight", "z_loss_weight"):
             _check(getattr(self, key) >= 0, f"model.moe.{key}", "must be >= 0")
         self.local_entropy_weight = _per_modality(self.local_entropy_weight, "model.moe.local_entropy_weight")
@@ -216,6 +224,11 @@ class ModelConfig:
                    "is the contrastive sigmoid loss's bias; a classifier's bias is class_head's (drop the key)")
         _check(t is None or not self.pixels, "model.text_input",
                "'pixels' (CLIPPO) reads rendered captions with the image tower: use one tower (no model.text_tower)")
+        for prefix, moe in (("model", self.moe), ("model.text_tower", t.moe if t is not None else None)):
+            _check(moe is None or not moe.modality_experts or (t is None and not self.classifier),
+                   f"{prefix}.moe.modality_experts",
+                   "needs one tower that reads both modalities (a two-tower model's or a classifier's pools hold "
+                   "one modality already)")
         if t is not None and t.moe is not None and self.moe is not None:
             _check(t.moe.num_experts == self.moe.num_experts, "model.text_tower.moe.num_experts",
                    f"{t.moe.num_experts} != the image tower's model.moe.num_experts {self.moe.num_experts}: the towers "
@@ -299,6 +312,16 @@ class ModelConfig:
         return dataclasses.replace(self, name=f"{self.name}-clippo", text_input="pixels",
                                    text_font_size=16 if self.image_size >= 128 else 8)
 
+    def vlmoe_twin(self) -> "ModelConfig":
+        """VL-MoE's layout (Shen et al. 2023): per-modality expert pools (``modality_experts``) in
+        the early MoE layers, the shared dense FFN at the top: the preset's MoE layers in its first
+        two thirds of blocks (tiny: block 1; b16: blocks 0-7), the rest dense."""
+        _check(self.text_tower is None and not self.classifier and self.moe is not None, "model.preset",
+               "a VL-MoE twin is of a one-tower sparse preset (not NAME-2t, NAME-vmoe or a dense model)")
+        early = tuple(i for i in self.moe.layers if i < self.depth - self.depth // 3)
+        moe = dataclasses.replace(self.moe, modality_experts=True, layers=early)
+        return dataclasses.replace(self, name=f"{self.name}-vlmoe", moe=moe)
+
     def vmoe_twin(self) -> "ModelConfig":
         """The same tower as an image classifier (V-MoE, Riquelme et al. 2021): ``num_classes``
         10 for tiny (Fashion-MNIST, data/fmnist), 1000 for the GPU presets (ImageNet-1k); give
@@ -357,17 +380,20 @@ PRESETS: dict[str, ModelConfig] = {
 
 def get_preset(name: str) -> ModelConfig:
     """A fresh copy of a preset; ``NAME-2t`` gives its two-tower twin, ``NAME-clippo`` its CLIPPO
-    twin, ``NAME-vmoe`` its image classifier (V-MoE), ``NAME-dense`` (and ``NAME-2t-dense`` ...) the
-    dense twin."""
+    twin, ``NAME-vmoe`` its image classifier (V-MoE), ``NAME-vlmoe`` its VL-MoE twin, ``NAME-dense``
+    (and ``NAME-2t-dense`` ...) the dense twin."""
     base, dense = (name[:-len("-dense")], True) if name.endswith("-dense") else (name, False)
     base, two = (base[:-len("-2t")], True) if base.endswith("-2t") else (base, False)
     base, clippo = (base[:-len("-clippo")], True) if base.endswith("-clippo") else (base, False)
     base, vmoe = (base[:-len("-vmoe")], True) if base.endswith("-vmoe") else (base, False)
-    if base not in PRESETS or two + clippo + vmoe > 1:
+    base, vlmoe = (base[:-len("-vlmoe")], True) if base.endswith("-vlmoe") else (base, False)
+    if base not in PRESETS or two + vmoe + vlmoe > 1 or (clippo and (two or vmoe)):
         raise ValueError(f"model.preset: unknown preset {name!r}; choose one of {preset_variants()}")
     cfg = config_from_dict(dataclasses.asdict(PRESETS[base]))
     if two:
         cfg = cfg.two_tower_twin()
+    if vlmoe:
+        cfg = cfg.vlmoe_twin()
     if clippo:
         cfg = cfg.clippo_twin()
     if vmoe:
@@ -377,8 +403,10 @@ def get_preset(name: str) -> ModelConfig:
 
 def preset_variants() -> list[str]:
     """Every name get_preset knows: NAME, NAME-dense, NAME-2t, NAME-2t-dense, NAME-clippo, NAME-clippo-dense,
-    NAME-vmoe, NAME-vmoe-dense (the image classifier, and its dense twin: a ViT)."""
-    variants = ("", "-dense", "-2t", "-2t-dense", "-clippo", "-clippo-dense", "-vmoe", "-vmoe-dense")
+    NAME-vmoe, NAME-vmoe-dense (the image classifier, and its dense twin: a ViT), NAME-vlmoe (per-modality
+    expert pools in the early layers) and NAME-vlmoe-clippo."""
+    variants = ("", "-dense", "-2t", "-2t-dense", "-clippo", "-clippo-dense", "-vmoe", "-vmoe-dense", "-vlmoe",
+                "-vlmoe-clippo")
     return [f"{p}{v}" for v in variants for p in sorted(PRESETS)]
 
 

@@ -174,8 +174,9 @@ def _capture(store: dict[int, torch.Tensor], index: int, _module, _inputs, outpu
 def expert_choices(model, enabled: bool = True) -> Iterator[dict[int, torch.Tensor]]:
     """While open: {MoE layer index: expert id of each routed slot in the latest forward pass}."""
     store: dict[int, torch.Tensor] = {}
-    hooks = [b.ffn.register_forward_hook(functools.partial(_capture, store, b.index))
-             for b in model.blocks if b.is_moe] if enabled else []  # the blocks image patches go through
+    # the layers image patches go through: the one tower's (or image tower's) pools; VL-MoE's image pools
+    hooks = [layer.register_forward_hook(functools.partial(_capture, store, b.index))
+             for b in model.blocks for layer in b.moe_layers() if layer.pool != "text"] if enabled else []
     try:
         yield store
     finally:

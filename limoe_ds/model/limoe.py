@@ -22,7 +22,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from limoe_ds.config.model import ModelConfig
-from limoe_ds.moe.layer import CONFIGURED, MLP, LIMoELayer
+from limoe_ds.moe.layer import CONFIGURED, MLP, LIMoELayer, ModalityPools
 from limoe_ds.moe.routing import TOKEN_IMAGE, TOKEN_PAD, TOKEN_TEXT, Routing
 from limoe_ds.moe.names import split_expert_name
 from limoe_ds.moe.stats import RoutingStats, aux_key
@@ -83,17 +83,30 @@ class Block(nn.Module):
         self.attn = Attention(tower.width, tower.num_heads)
         self.ln2 = nn.LayerNorm(tower.width)
         self.is_moe = tower.is_moe_layer(index)
-        self.ffn = (LIMoELayer(tower.width, tower.mlp_dim, tower.moe, ep_size=ep_size, index=self.index)
-                    if self.is_moe else MLP(tower.width, tower.mlp_dim))
+        if not self.is_moe:
+            self.ffn = MLP(tower.width, tower.mlp_dim)
+        elif tower.moe.modality_experts:  # VL-MoE: an image pool and a text pool
+            self.ffn = ModalityPools(tower.width, tower.mlp_dim, tower.moe, ep_size=ep_size, index=self.index)
+        else:
+            self.ffn = LIMoELayer(tower.width, tower.mlp_dim, tower.moe, ep_size=ep_size, index=self.index)
+
+    def moe_layers(self) -> list[LIMoELayer]:
+        """This block's MoE layers: none, its one pool, or VL-MoE's image and text pools."""
+        if not self.is_moe:
+            return []
+        return self.ffn.pools() if isinstance(self.ffn, ModalityPools) else [self.ffn]
 
     def forward(self, img_BID: torch.Tensor, txt_BTD: torch.Tensor, txt_valid_BT: torch.Tensor,
-                capacity_factor=CONFIGURED) -> tuple[torch.Tensor, torch.Tensor, Routing | None, RoutingStats | None]:
+                capacity_factor=CONFIGURED) -> tuple[torch.Tensor, torch.Tensor, list[Routing], list[RoutingStats]]:
+        """-> (image tokens, text tokens, each pool's routing, each pool's statistics); a dense
+        block's lists are empty."""
         img_BID = img_BID + self.attn(self.ln1(img_BID), None)
         txt_BTD = txt_BTD + self.attn(self.ln1(txt_BTD), txt_valid_BT)
         h_img, h_txt = self.ln2(img_BID), self.ln2(txt_BTD)
         if not self.is_moe:
-            return img_BID + self.ffn(h_img), txt_BTD + self.ffn(h_txt), None, None
-        y_img, y_txt, routing, stats = self._moe(h_img, h_txt, txt_valid_BT, capacity_factor)
+            return img_BID + self.ffn(h_img), txt_BTD + self.ffn(h_txt), [], []
+        moe = self._pools if isinstance(self.ffn, ModalityPools) else self._moe
+        y_img, y_txt, routing, stats = moe(h_img, h_txt, txt_valid_BT, capacity_factor)
         return img_BID + y_img, txt_BTD + y_txt, routing, stats
 
     def _moe(self, h_img_BID, h_txt_BTD, txt_valid_BT, capacity_factor):
@@ -105,7 +118,25 @@ class Block(nn.Module):
             torch.where(txt_valid_BT.reshape(-1), TOKEN_TEXT, TOKEN_PAD)])
         y_SD, routing, stats = self.ffn(pool_SD, type_S, capacity_factor, image_slots=B_i * I)
         y_img, y_txt = y_SD.split([B_i * I, B_t * T])
-        return y_img.view(B_i, I, D), y_txt.view(B_t, T, D), routing, stats
+        return y_img.view(B_i, I, D), y_txt.view(B_t, T, D), [routing], [stats]
+
+    def _pools(self, h_img_BID, h_txt_BTD, txt_valid_BT, capacity_factor):
+        """VL-MoE: the image patches through the image pool, the text positions (padding typed
+        TOKEN_PAD) through the text pool; each pool's capacity from its own slot count. A modality
+        absent from the pass (encode_image / encode_text) skips its pool, as it does on every rank
+        of that pass (the expert all-to-all needs every rank of the group)."""
+        (B_i, I, D), (B_t, T, _) = h_img_BID.shape, h_txt_BTD.shape  # noqa: E741 (I: patches, the legend)
+        y_img, y_txt, routing, stats = h_img_BID[:0], h_txt_BTD[:0], [], []
+        if B_i * I:
+            img_SD = h_img_BID.reshape(B_i * I, D)
+            img_type = torch.full((B_i * I,), TOKEN_IMAGE, dtype=torch.long, device=img_SD.device)
+            y, r, st = self.ffn.image(img_SD, img_type, capacity_factor, image_slots=B_i * I)
+            y_img, routing, stats = y.view(B_i, I, D), [r], [st]
+        if B_t * T:
+            txt_type = torch.where(txt_valid_BT.reshape(-1), TOKEN_TEXT, TOKEN_PAD)
+            y, r, st = self.ffn.text(h_txt_BTD.reshape(B_t * T, D), txt_type, capacity_factor, image_slots=0)
+            y_txt, routing, stats = y.view(B_t, T, D), routing + [r], stats + [st]
+        return y_img, y_txt, routing, stats
 
 
 class MAPHead(nn.Module):
@@ -224,9 +255,9 @@ class LIMoEModel(nn.Module):
                     preserve_rng_state=True)
             else:
                 img_BID, txt_BTD, routing, layer_stats = block(img_BID, txt_BTD, txt_valid_BT, capacity_factor)
-            if routing is not None:
-                aux.update({aux_key(block.index, term): v for term, v in routing.aux.items()})
-                stats.append(layer_stats)
+            for r, s in zip(routing, layer_stats):
+                aux.update({aux_key(s.layer, term, s.pool): v for term, v in r.aux.items()})
+                stats.append(s)
         return img_BID, txt_BTD, aux, stats
 
     def _pool(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor, which: str) -> torch.Tensor:
@@ -290,7 +321,8 @@ class LIMoEModel(nn.Module):
         return list(self.blocks) + (list(self.text_tower.blocks) if self.text_tower is not None else [])
 
     def moe_layers(self) -> list[LIMoELayer]:
-        return [b.ffn for b in self.all_blocks() if b.is_moe]
+        """Every MoE layer in model order (VL-MoE: a block's image pool, then its text pool)."""
+        return [layer for b in self.all_blocks() for layer in b.moe_layers()]
 
 
 @torch.no_grad()
@@ -358,7 +390,9 @@ def param_counts(model: LIMoEModel) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     expert = sum(p.numel() for layer in model.moe_layers() for p in layer.deepspeed_moe.experts.parameters())
     E = model.cfg.num_experts or 1
-    inactive = expert * (E - 1) // E
+    moe = model.cfg.any_moe
+    pools = 2 if moe is not None and moe.modality_experts else 1  # VL-MoE: a token uses 1 of its pool's E
+    inactive = expert - expert // (E * pools)
     counts = {"total_params": total, "active_params_per_token": total - inactive, "expert_params": expert,
               "shared_params": total - expert}
     # per modality: the parameters whose multiply-adds a token of that modality pays (the patch
@@ -383,6 +417,8 @@ def _used_by(name: str, model: LIMoEModel) -> set[str]:
         return {"image", "text"} if model.cfg.pixels else {"image"}  # CLIPPO: text is pixels too
     if name.startswith(_TEXT_ONLY):
         return {"text"}
+    if ".ffn.image." in name or ".ffn.text." in name:  # VL-MoE: a modality's own expert pool
+        return {"image"} if ".ffn.image." in name else {"text"}
     if name.startswith(("blocks.", "final_ln.")):
         return {"image"} if model.text_tower is not None else {"image", "text"}
     return {"image", "text"}  # logit_scale, logit_bias

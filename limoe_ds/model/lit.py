@@ -60,5 +60,6 @@ def lock_image_tower(model, init) -> list[str]:
     if init is not None and init.dropless:
         for block in model.blocks:
             if block.is_moe and is_locked(f"blocks.{block.index}.ffn.", prefixes):
-                block.ffn.frozen_dropless = True
+                for layer in block.moe_layers():  # VL-MoE: both pools
+                    layer.frozen_dropless = True
     return locked

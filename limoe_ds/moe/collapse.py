@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass, field
 
 from limoe_ds.config.model import MODALITIES
+from limoe_ds.moe.stats import layer_label
 
 
 @dataclass(frozen=True)
@@ -109,5 +110,6 @@ def thresholds(moe_layers, min_experts: dict[str, float] | None) -> dict[str, di
     configured ``min_experts`` per modality, or each layer's S_m (its
     ``global_entropy_min_experts``) where not given."""
     given = min_experts or {}
-    return {f"layer{layer.index}": {m: float(given[m]) if m in given else layer.cfg.global_entropy_min_experts[m]
-                                    for m in MODALITIES} for layer in moe_layers}
+    return {layer_label(layer.index, layer.pool): {m: float(given[m]) if m in given
+                                                   else layer.cfg.global_entropy_min_experts[m] for m in MODALITIES}
+            for layer in moe_layers}

@@ -87,6 +87,21 @@ class LIMoEGate(nn.Module):
         return l_aux, capacity, E, indices_1S, locations_1S, routing.combine_N[None], exp_counts_E
 
 
+class ModalityPools(nn.Module):
+    """VL-MoE's MoE layer (``moe.modality_experts``): an image pool and a text pool, each a
+    ``LIMoELayer`` with its own router and ``num_experts`` experts (both sharded over the expert-
+    parallel group; DeepSpeed sees two MoE layers, image first). The block routes its image patches
+    through ``image`` and its text positions through ``text``; each returns its own routing."""
+
+    def __init__(self, width: int, mlp_dim: int, cfg: MoEConfig, *, ep_size: int = 1, index: int = 0) -> None:
+        super().__init__()
+        self.image = LIMoELayer(width, mlp_dim, cfg, ep_size=ep_size, index=index, pool="image")
+        self.text = LIMoELayer(width, mlp_dim, cfg, ep_size=ep_size, index=index, pool="text")
+
+    def pools(self) -> list["LIMoELayer"]:
+        return [self.image, self.text]
+
+
 class LIMoELayer(MoE):
     """A DeepSpeed ``MoE`` whose gate is ``LIMoEGate``; the engine recognises it as an MoE layer.
 
@@ -94,12 +109,15 @@ class LIMoELayer(MoE):
     multiple of ``capacity_multiple_of`` (``moe.capacity_multiple_of``; the tensor-parallel plan
     raises it to a multiple of tp, since DeepSpeed splits the capacity dimension across tp ranks)."""
 
-    def __init__(self, width: int, mlp_dim: int, cfg: MoEConfig, *, ep_size: int = 1, index: int = 0) -> None:
+    def __init__(self, width: int, mlp_dim: int, cfg: MoEConfig, *, ep_size: int = 1, index: int = 0,
+                 pool: str = "") -> None:
         nn.Module.__init__(self)  # MoE.__init__ would build a stock TopKGate (compat.init_moe_fields)
         if cfg.num_experts % ep_size:
             raise ValueError(f"moe.num_experts={cfg.num_experts} is not divisible by the expert-parallel "
                              f"size {ep_size}; choose an ep size that divides it")
         self.cfg, self.index = cfg, index
+        self.pool = pool
+        """'' (the layer's one pool), or 'image' / 'text': one of VL-MoE's per-modality pools."""
         self.capacity_multiple_of = cfg.capacity_multiple_of
         self.frozen_dropless = False
         """A locked tower's layer (``train.image_tower.dropless``): routes as in evaluation, dropless
@@ -181,4 +199,4 @@ class LIMoELayer(MoE):
         """Route the pool; dropped and padding tokens get exactly 0 (they pass on the residual)."""
         routing, capacity = self.route(x_SD, token_type_S, capacity_factor, image_slots)
         y_SD = self.deepspeed_moe(x_SD, (routing, capacity))
-        return y_SD, routing, RoutingStats.of(self.index, routing, capacity)
+        return y_SD, routing, RoutingStats.of(self.index, routing, capacity, self.pool)

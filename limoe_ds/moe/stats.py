@@ -40,10 +40,23 @@ class RoutingStats:
     """Sum of the per-token router entropies H(p_i) of modality m."""
     probs_sum_ME: torch.Tensor
     """Sum of the router probabilities of modality m's tokens."""
+    pool: str = ""
+    """'' for a layer's one expert pool; 'image' / 'text' for VL-MoE's per-modality pools
+    (``moe.modality_experts``): each pool is its own layer in the statistics."""
 
     @classmethod
-    def of(cls, layer: int, routing: Routing, capacity: int) -> "RoutingStats":
-        return cls(layer, capacity, *(getattr(routing, k).detach() for k in _COUNTS))
+    def of(cls, layer: int, routing: Routing, capacity: int, pool: str = "") -> "RoutingStats":
+        return cls(layer, capacity, *(getattr(routing, k).detach() for k in _COUNTS), pool=pool)
+
+    @property
+    def key(self) -> tuple[int, str]:
+        """(block index, pool): what the totals are keyed and ordered by."""
+        return self.layer, self.pool
+
+    @property
+    def label(self) -> str:
+        """'layer3', or 'layer3.image' / 'layer3.text' for a per-modality pool (``layer_label``)."""
+        return layer_label(self.layer, self.pool)
 
     def counts(self) -> list[torch.Tensor]:
         return [getattr(self, k) for k in _COUNTS]
@@ -51,9 +64,9 @@ class RoutingStats:
     def merged(self, other: "RoutingStats") -> "RoutingStats":
         """Counts added element-wise, the larger capacity (on the counts' own device: no
         device-to-host copy per training step; ``summarize`` moves the totals once)."""
-        assert other.layer == self.layer
+        assert other.key == self.key
         return RoutingStats(self.layer, max(self.capacity, other.capacity),
-                            *(a + b.detach().float() for a, b in zip(self.counts(), other.counts())))
+                            *(a + b.detach().float() for a, b in zip(self.counts(), other.counts())), pool=self.pool)
 
     def detached(self) -> "RoutingStats":
         return dataclasses.replace(self, **{k: getattr(self, k).detach().float().clone() for k in _COUNTS})
@@ -85,21 +98,27 @@ class RoutingStats:
         return out
 
 
-def aux_key(layer: int, term: str) -> str:
+def layer_label(layer: int, pool: str = "") -> str:
+    """A MoE layer's name in summaries, metrics and warnings: 'layer3', or 'layer3.image' for one
+    of VL-MoE's per-modality pools."""
+    return f"layer{layer}.{pool}" if pool else f"layer{layer}"
+
+
+def aux_key(layer: int, term: str, pool: str = "") -> str:
     """The name of MoE layer ``layer``'s auxiliary loss ``term`` in ``LIMoEOutput.aux_losses``
-    ('moe/layer3/text/global_entropy'); logged as 'aux/' + it."""
-    return f"moe/layer{layer}/{term}"
+    ('moe/layer3/text/global_entropy', 'moe/layer1.text/importance'); logged as 'aux/' + it."""
+    return f"moe/{layer_label(layer, pool)}/{term}"
 
 
-Totals = dict[int, RoutingStats]
-"""Merged statistics by MoE layer index."""
+Totals = dict[tuple[int, str], RoutingStats]
+"""Merged statistics by (MoE layer index, pool)."""
 
 
 def accumulate(totals: Totals, routing: list[RoutingStats]) -> Totals:
     """totals += routing (one forward pass's statistics), layer by layer."""
     for s in routing:
-        prev = totals.get(s.layer)
-        totals[s.layer] = s.detached() if prev is None else prev.merged(s)
+        prev = totals.get(s.key)
+        totals[s.key] = s.detached() if prev is None else prev.merged(s)
     return totals
 
 
@@ -115,11 +134,11 @@ def sum_over_ranks(totals: Totals, group=None) -> Totals:
     caps = all_reduce_tensors([torch.tensor([float(totals[layer].capacity)]) for layer in layers], group=group,
                               op="max")
     per = len(_COUNTS)
-    return {layer: RoutingStats(layer, int(caps[i].item()), *flat[i * per:(i + 1) * per])
-            for i, layer in enumerate(layers)}
+    return {key: RoutingStats(key[0], int(caps[i].item()), *flat[i * per:(i + 1) * per], pool=key[1])
+            for i, key in enumerate(layers)}
 
 
 def summarize(totals: Totals) -> dict[str, dict]:
     """{'layer3': {'image': {...}, 'text': {...}, 'capacity': C, 'image_share_per_expert': [...],
     'dead_experts': [...]}} in layer order."""
-    return {f"layer{layer}": totals[layer].summary() for layer in sorted(totals)}
+    return {totals[key].label: totals[key].summary() for key in sorted(totals)}
