@@ -4,7 +4,6 @@ patches as text, so the per-modality losses, BPR and statistics apply unchanged.
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from limoe_ds.data.render import PixelText
 from limoe_ds.model import build_model
 from limoe_ds.model.limoe import param_counts
 from test_collapse import _resolve
-from test_train import _launch, _losses
 
 
 def test_the_clippo_twin_has_no_text_only_parameters():
@@ -64,27 +62,5 @@ def test_clippo_config_errors_name_the_key(sets, message):
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-@pytest.mark.integration  # the deepspeed launcher (_launch)
-def test_clippo_runs_resumes_exports_and_evaluates(tmp_path):
-    """tiny-clippo through the real entry point on 2 ranks with expert parallelism 2 (no tokenizer
-    anywhere: the run, the export and the evaluation render their captions): routing statistics
-    per modality, a bitwise resume from step 2, an export that loads without tokenizer.json, and
-    tools/evaluate.py on one rank giving the run's zero-shot numbers."""
-    from test_family import _export_and_evaluate
-    sets = ["model.preset=tiny-clippo", "tokenizer=null", "train.save_every=2"]
-    full = _launch(tmp_path / "full", 4, sets)
-    out, _ = full.communicate(timeout=600)
-    assert full.returncode == 0, out[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["routing/layer1/text/success_rate"] > 0 for r in rows if "routing/layer1/text/success_rate" in r)
-    resumed = _launch(tmp_path / "resumed", 4, [*sets, "eval.zero_shot=[]", "--resume",
-                                                str(tmp_path / "full" / "checkpoints" / "step00000002")])
-    out, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, out[-3000:]
-    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
-    assert sorted(b) == [3, 4] and [a[s] for s in b] == [b[s] for s in b]
-    loaded, _ = _export_and_evaluate(tmp_path / "full" / "checkpoints" / "step00000004", tmp_path, rows)
-    assert not (tmp_path / "export" / "tokenizer.json").exists() and isinstance(loaded.tokenizer, PixelText)
-    clf = loaded.zero_shot_classifier(["shirt", "bag"], ["a photo of a {}."])
-    assert clf.shape == (2, loaded.cfg.embed_dim)
-    assert loaded.tokenize(["a bag"]).shape == (1, 3, 32, 32)
+# The 2-rank run of a CLIPPO model (rendered captions in the data workers, no tokenizer in the run,
+# the export or the evaluation): tests/test_vlmoe.py's run of tiny-vlmoe-clippo.

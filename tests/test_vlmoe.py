@@ -85,13 +85,16 @@ def test_vlmoe_config_errors_name_the_key(sets, message):
 
 
 @pytest.mark.integration  # the deepspeed launcher (_launch)
-def test_vlmoe_runs_with_both_pools_sharded_resumes_exports_and_evaluates(tmp_path):
-    """tiny-vlmoe on 2 ranks with expert parallelism 2 (each pool's 4 experts split 2 + 2):
-    routing statistics per pool and modality, a bitwise resume from step 2, an export whose
-    weights are the consolidated checkpoint's (two expert modules per block), and tools/evaluate.py
-    on one rank giving the run's zero-shot numbers."""
+def test_vlmoe_clippo_runs_with_both_pools_sharded_resumes_exports_and_evaluates(tmp_path):
+    """tiny-vlmoe-clippo (VL-MoE's pools, CLIPPO's rendered captions: one run for both family
+    members) on 2 ranks with expert parallelism 2 (each pool's 4 experts split 2 + 2): routing
+    statistics per pool and modality, a bitwise resume from step 2, an export whose weights are the
+    consolidated checkpoint's (two expert modules per block) and that loads without tokenizer.json,
+    and tools/evaluate.py on one rank giving the run's zero-shot numbers (no tokenizer anywhere:
+    the run, the export and the evaluation render their captions)."""
+    from limoe_ds.data.render import PixelText
     from test_family import _export_and_evaluate
-    sets = ["model.preset=tiny-vlmoe", "train.save_every=2"]
+    sets = ["model.preset=tiny-vlmoe-clippo", "tokenizer=null", "train.save_every=2"]
     full = _launch(tmp_path / "full", 4, sets)
     out, _ = full.communicate(timeout=600)
     assert full.returncode == 0, out[-3000:]
@@ -108,6 +111,9 @@ def test_vlmoe_runs_with_both_pools_sharded_resumes_exports_and_evaluates(tmp_pa
     assert sorted(b) == [3, 4] and [a[s] for s in b] == [b[s] for s in b]
     loaded, _ = _export_and_evaluate(tmp_path / "full" / "checkpoints" / "step00000004", tmp_path, rows)
     assert [(layer.index, layer.pool) for layer in loaded.model.moe_layers()] == [(1, "image"), (1, "text")]
+    assert not (tmp_path / "export" / "tokenizer.json").exists() and isinstance(loaded.tokenizer, PixelText)
+    assert loaded.zero_shot_classifier(["shirt", "bag"], ["a photo of a {}."]).shape == (2, loaded.cfg.embed_dim)
+    assert loaded.tokenize(["a bag"]).shape == (1, 3, 32, 32)
 
 
 @pytest.mark.parametrize("name,world", [("s32", 8), ("b16", 32), ("l16", 64), ("h14", 256)])
