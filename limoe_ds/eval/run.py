@@ -94,6 +94,30 @@ def batch_priority(model, enabled: bool) -> Iterator[None]:
             layer.cfg = cfg
 
 
+def _walk(model, loader, runs, max_batches: int, record: RoutingRecord | None, *, text_key: str | None):
+    """One lockstep walk over ``loader``: every batch forwarded once per routing mode of ``runs``
+    (``text_key``: the batch's text input, None for a classifier's images alone); yields (mode,
+    output, batch) of the real batches. ``record`` is filled by the first mode's passes (before
+    another mode's pass moves the hooks) and summed over ranks at the end of the walk."""
+    device = _device(model)
+    with expert_choices(model, enabled=record is not None and record.sample_images > 0) as experts:
+        for n, (batch, real) in enumerate(lockstep(loader, lambda: _dummy_pair(model))):
+            if max_batches and n >= max_batches:
+                break  # every rank reaches the same n: lockstep
+            images = batch["images"].to(device)
+            text = batch[text_key].to(device) if text_key is not None else None
+            for m, cf in runs:
+                out = model(images, text, cf)
+                if record is not None and m == runs[0][0]:
+                    record.add(out, real)
+                    if real and experts and record.images_BCHW is None:
+                        record.take_sample(batch["images"], experts, model.cfg.num_patches)
+                if real:
+                    yield m, out, batch
+    if record is not None:
+        record.totals = stats.sum_over_ranks(record.totals, _group())
+
+
 @torch.no_grad()
 def classify_images(model, loader, *, max_batches: int = 0, record: RoutingRecord | None = None,
                     modes: Modes = None) -> dict:
@@ -104,26 +128,14 @@ def classify_images(model, loader, *, max_batches: int = 0, record: RoutingRecor
     runs = _runs(modes)
     C = model.cfg.num_classes
     sums = {m: torch.zeros(4, dtype=torch.float64, device=device) for m, _ in runs}  # top1, top5, xent, n
-    with expert_choices(model, enabled=record is not None and record.sample_images > 0) as experts:
-        for n, (batch, real) in enumerate(lockstep(loader, lambda: _dummy_pair(model))):
-            if max_batches and n >= max_batches:
-                break  # every rank reaches the same n: lockstep
-            images, labels = batch["images"].to(device), batch["labels"].to(device)
-            for m, cf in runs:
-                out = model(images, None, cf)
-                if record is not None and m == runs[0][0]:
-                    record.add(out, real)
-                    if real and experts and record.images_BCHW is None:
-                        record.take_sample(batch["images"], experts, model.cfg.num_patches)
-                if real:
-                    logits = out.logits.float()
-                    top = logits.topk(min(5, C), dim=1).indices
-                    hit = top == labels[:, None]
-                    sums[m] += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(),
-                                            torch.nn.functional.cross_entropy(logits, labels, reduction="sum"),
-                                            torch.tensor(float(labels.numel()), device=device)]).double()
-    if record is not None:
-        record.totals = stats.sum_over_ranks(record.totals, _group())
+    for m, out, batch in _walk(model, loader, runs, max_batches, record, text_key=None):
+        labels = batch["labels"].to(device)
+        logits = out.logits.float()
+        top = logits.topk(min(5, C), dim=1).indices
+        hit = top == labels[:, None]
+        sums[m] += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(),
+                                torch.nn.functional.cross_entropy(logits, labels, reduction="sum"),
+                                torch.tensor(float(labels.numel()), device=device)]).double()
     results = {}
     for m, _ in runs:
         collectives.sum_(sums[m], _group())
@@ -195,25 +207,12 @@ def embed_pairs(model, loader, *, max_batches: int = 0, record: RoutingRecord | 
     imgs = {m: [] for m, _ in runs}
     txts = {m: [] for m, _ in runs}
     loss_sum = {m: torch.zeros(2, dtype=torch.float64, device=device) for m, _ in runs}
-    with expert_choices(model, enabled=record is not None and record.sample_images > 0) as experts:
-        for n, (batch, real) in enumerate(lockstep(loader, lambda: _dummy_pair(model))):
-            if max_batches and n >= max_batches:
-                break  # every rank reaches the same n: lockstep
-            images, tokens = batch["images"].to(device), batch["tokens"].to(device)
-            for m, cf in runs:
-                out = model(images, tokens, cf)
-                if record is not None and m == runs[0][0]:  # before another mode's pass moves the hooks
-                    record.add(out, real)
-                    if real and experts and record.images_BCHW is None:
-                        record.take_sample(batch["images"], experts, model.cfg.num_patches)
-                if real:
-                    B = out.image_emb.shape[0]
-                    imgs[m].append(out.image_emb.float())
-                    txts[m].append(out.text_emb.float())
-                    loss = pair_loss(out, group=False).item()  # in-batch: softmax or sigmoid, the model's
-                    loss_sum[m] += torch.tensor([loss * B, B], dtype=torch.float64, device=device)
-    if record is not None:
-        record.totals = stats.sum_over_ranks(record.totals, _group())
+    for m, out, _ in _walk(model, loader, runs, max_batches, record, text_key="tokens"):
+        B = out.image_emb.shape[0]
+        imgs[m].append(out.image_emb.float())
+        txts[m].append(out.text_emb.float())
+        loss = pair_loss(out, group=False).item()  # in-batch: softmax or sigmoid, the model's
+        loss_sum[m] += torch.tensor([loss * B, B], dtype=torch.float64, device=device)
     K = model.cfg.embed_dim
     results = {}
     for m, _ in runs:
