@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -336,6 +337,36 @@ def test_one_walk_serves_both_routings_like_two_separate_passes(bench, monkeypat
                      caption_retrieval(model, coco, tok, dp_rank=0, dp_size=1, modes=one)[mode].items()})
     assert got == want and list(got) == list(want)
     assert got["dropless/val/contrastive"] != got["train_cf/val/contrastive"]
+
+
+def test_zero_shot_max_images_reads_the_same_images_on_any_number_of_ranks(bench):
+    """eval.zero_shot_max_images: at most N images, the same ones on 1 rank and on 2: the first files
+    of a class tree; the first records of each shard of a shard set, N split evenly over the shards."""
+    from limoe_ds.data import Tokenizer, benchmarks
+    from limoe_ds.data.zeroshot import load_zeroshot_set
+    from limoe_ds.eval.run import zero_shot
+    from limoe_ds.model import build_model
+    tok = Tokenizer.from_file(str(MINI / "tokenizer.json"))
+    model = build_model("tiny", seed=3).eval()
+    one = {"dropless": None}
+    classes = benchmarks.load_benchmark(_specs(bench)[0])  # 7 files: labels 0 0 1 1(broken) 1 2 2
+    run = functools.partial(zero_shot, model, classes, tok, batch_size=2, modes=one)
+    full = run(dp_rank=0, dp_size=1)["dropless"]
+    assert run(dp_rank=0, dp_size=1, max_images=100)["dropless"] == full  # above the set's size: all of it
+    capped = run(dp_rank=0, dp_size=1, max_images=4)["dropless"]
+    assert (capped["images"], capped["skipped_images"]) == (3, 1)  # files 0-3, the broken one skipped
+    assert [f[1] for f in classes.files[:4]] == [0, 0, 1, 1]
+    halves = [run(dp_rank=r, dp_size=2, max_images=4)["dropless"] for r in range(2)]  # no process group: apart
+    assert [h["images"] for h in halves] == [2, 1]  # files 0-1 and 2-3
+    assert sum(h["top1"] * h["images"] for h in halves) == pytest.approx(capped["top1"] * 3)
+    # a shard set: data/mini's Fashion-MNIST test set, 2 shards of 5,000; 1 rank reads both, 2 ranks one each
+    zs = load_zeroshot_set(str(MINI / "zeroshot" / "fashion_mnist"))
+    run = functools.partial(zero_shot, model, zs, tok, batch_size=8, modes=one, max_images=21)
+    alone = run(dp_rank=0, dp_size=1)["dropless"]
+    halves = [run(dp_rank=r, dp_size=2)["dropless"] for r in range(2)]
+    assert alone["images"] == 21 and [h["images"] for h in halves] == [10, 11]  # rank_share(21, shard, 2)
+    for k in ("top1", "top5"):  # per image (the seen/unseen ones are per class group)
+        assert sum(h[k] * h["images"] for h in halves) == pytest.approx(alone[k] * 21), k
 
 
 # ---- 2 ranks (expert-parallel 2, DeepSpeed engine) vs 1 rank, dropless -----------------------------

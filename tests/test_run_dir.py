@@ -26,7 +26,7 @@ from test_train import ROOT, TINY, _launch, _losses
 # the reference run's own --set values (test_train._launch + conftest.reference_run), so that a test's
 # config differs from the saved one only where it says
 REFERENCE_SETS = ["train.steps=4", "train.log_every=1", "train.save_every=2", "logging.progress_bar=false",
-                  "ds.scheduler.params.warmup_num_steps=2", "eval.max_batches=1"]
+                  "ds.scheduler.params.warmup_num_steps=2", "eval.max_batches=1", "eval.zero_shot_max_images=500"]
 
 
 @pytest.fixture

@@ -75,7 +75,8 @@ def _evaluate(cfg, state, benchmarks: list, rank: int, world: int) -> dict[str, 
                     retrieval_sets=[b for b in benchmarks if isinstance(b, CaptionSet)],
                     compositional_sets=[compositional_set(c, cfg.eval.compositional_scenes)
                                         for c in cfg.eval.compositional], tokenizer=tok,
-                    dp_rank=rank, dp_size=world, max_batches=cfg.eval.max_batches)
+                    dp_rank=rank, dp_size=world, max_batches=cfg.eval.max_batches,
+                    zero_shot_max_images=cfg.eval.zero_shot_max_images)
 
 
 def main(argv: list[str] | None = None) -> int:

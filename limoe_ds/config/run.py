@@ -150,6 +150,10 @@ class EvalConfig:
     zero_shot: list[str] = field(default_factory=list)
     """Zero-shot classification sets (directories written by tools/build_mini_dataset.py: labelled
     image shards, classnames.txt, templates.txt, info.json)."""
+    zero_shot_max_images: int = 0
+    """Cap on the images of each zero-shot set per evaluation (0 = the whole set): the first records
+    of each shard (of a class tree, the first files), the same images whatever the number of ranks.
+    For quick evaluations; results on a capped set are not comparable with the whole set's."""
     compositional: list[str] = field(default_factory=list)
     """Compositional evaluations on held-out attribute combinations, drawn on the fly (no files):
     procedural source names, e.g. ["synthetic:scenes"] (limoe_ds.data.synthetic; docs/EVALUATION.md)."""
@@ -157,7 +161,7 @@ class EvalConfig:
     """Held-out scenes per compositional evaluation (half one object, half two)."""
 
     def __post_init__(self) -> None:
-        for k in ("every", "batch_size", "max_batches"):
+        for k in ("every", "batch_size", "max_batches", "zero_shot_max_images"):
             v = getattr(self, k)
             _check(v >= 0, f"eval.{k}", f"must be >= 0, got {v!r}")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")

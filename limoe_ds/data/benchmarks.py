@@ -141,11 +141,13 @@ class ClassFolderSet:
     def prompts(self) -> list[list[str]]:
         return [[t.format(c) for t in self.templates] for c in self.class_names]
 
-    def iter_batches(self, *, image_size: int, batch_size: int, dp_rank: int = 0,
-                     dp_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's share -> (images [B, 3, H, W], labels [B]); skips counted in ``skip_counts``."""
+    def iter_batches(self, *, image_size: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                     max_images: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share -> (images [B, 3, H, W], labels [B]); skips counted in ``skip_counts``.
+        ``max_images`` (0 = all): the share of the first ``max_images`` files only."""
         self.skip_counts = zero_counts()
-        share = [self.files[i] for i in rank_share(len(self.files), dp_rank, dp_size)]
+        files = self.files[:max_images] if max_images else self.files
+        share = [files[i] for i in rank_share(len(files), dp_rank, dp_size)]
         yield from image_batches(share, image_size=image_size, batch_size=batch_size, max_pixels=self.max_pixels,
                                  counts=self.skip_counts, threads=self.threads)
 

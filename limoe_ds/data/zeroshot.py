@@ -21,6 +21,7 @@ import torch
 
 from limoe_ds.config.errors import ConfigError
 from limoe_ds.config.typed import build
+from limoe_ds.data.benchmarks import rank_share
 from limoe_ds.data.errors import DataError, SkipSample, zero_counts
 from limoe_ds.data.image import decode_image, eval_transform, to_tensor
 from limoe_ds.data.sources import ResolvedSource, read_shard
@@ -59,17 +60,22 @@ class ZeroShotSet:
         """[class][template] prompt strings, e.g. 'a photo of a sneaker.'."""
         return [[t.format(c) for t in self.templates] for c in self.class_names]
 
-    def iter_batches(self, *, image_size: int, batch_size: int, dp_rank: int = 0,
-                     dp_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iter_batches(self, *, image_size: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                     max_images: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """-> (images float32 [B, 3, H, W] in [-1, 1], labels int64 [B]); resize + centre crop,
-        file order, the last batch partial; ranks read disjoint parts that together cover the set."""
+        file order, the last batch partial; ranks read disjoint parts that together cover the set.
+        ``max_images`` (0 = all): only the first records of each shard, ``max_images`` in all split
+        evenly over the shards, so the same records whatever the number of ranks."""
         self.skip_counts = zero_counts()
         src = ResolvedSource(0, self.name, tuple(self.shards), "webdataset", 1.0, "caption", None, None)
         asg = assign(list(range(len(self.shards))), ReaderId(dp_rank, dp_size, 0, 1))
         images, labels = [], []
         for shard in asg.shards:
+            limit = len(rank_share(max_images, shard, len(self.shards))) if max_images else None
             for rec in read_shard(src, self.shards[shard], 0, lambda i: i % asg.stride == asg.phase,
                                   count_failure=asg.phase == 0):
+                if limit is not None and rec.index >= limit:
+                    break
                 sample = self._decode(rec, image_size)
                 if sample is None:
                     continue

@@ -272,11 +272,12 @@ def _skipped(counts: dict[str, int]) -> int:
 
 @torch.no_grad()
 def zero_shot(model, zs, tokenizer, *, dp_rank: int, dp_size: int, batch_size: int = 500,
-              modes: Modes = None) -> dict:
+              modes: Modes = None, max_images: int = 0) -> dict:
     """Top-1/top-5 accuracy over the set and the images that could not be read (skipped, counted);
     where the set names the classes seen in training, top-1 on its seen and unseen classes apart.
     ``zs``: a ZeroShotSet or a benchmarks.ClassFolderSet (no seen/unseen split). With ``modes``,
-    {mode: metrics}, each image decoded once."""
+    {mode: metrics}, each image decoded once. ``max_images`` (0 = all): at most this many images,
+    the same ones whatever the number of ranks (the set's ``iter_batches`` says which)."""
     device = _device(model)
     runs = _runs(modes)
     prompts = zs.prompts()  # [C][T]
@@ -293,7 +294,8 @@ def zero_shot(model, zs, tokenizer, *, dp_rank: int, dp_size: int, batch_size: i
     unseen = torch.tensor(sorted(zs.unseen_classes), dtype=torch.long, device=device)
     remap = torch.full((C,), 0, dtype=torch.long, device=device)
     remap[unseen] = torch.arange(len(unseen), device=device)
-    batches = zs.iter_batches(image_size=c.image_size, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size)
+    batches = zs.iter_batches(image_size=c.image_size, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                              max_images=max_images)
     for (images, labels), real in lockstep(batches, lambda: _dummy_labelled_image(model)):
         images, labels = images.to(device), labels.to(device)
         is_seen = torch.isin(labels, seen)
@@ -425,7 +427,7 @@ def compositional(model, cs, tokenizer, *, dp_rank: int, dp_size: int, batch_siz
 
 
 def evaluate(model, *, val_loader=None, zero_shot_sets=(), retrieval_sets=(), compositional_sets=(), tokenizer=None,
-             dp_rank: int = 0, dp_size: int = 1, max_batches: int = 0,
+             dp_rank: int = 0, dp_size: int = 1, max_batches: int = 0, zero_shot_max_images: int = 0,
              record: RoutingRecord | None = None) -> dict[str, float]:
     """All metrics, dropless and at the training capacity factor, keyed 'dropless/...' / 'train_cf/...'.
 
@@ -451,7 +453,8 @@ def evaluate(model, *, val_loader=None, zero_shot_sets=(), retrieval_sets=(), co
                 out[mode][f"{mode}/val/pairs"] = pairs
                 out[mode].update({f"{mode}/retrieval/{k}": v for k, v in metrics.retrieval_metrics(img, txt).items()})
         for zs in zero_shot_sets:
-            for mode, res in zero_shot(model, zs, tokenizer, dp_rank=dp_rank, dp_size=dp_size, modes=modes).items():
+            for mode, res in zero_shot(model, zs, tokenizer, dp_rank=dp_rank, dp_size=dp_size, modes=modes,
+                                       max_images=zero_shot_max_images).items():
                 out[mode].update({f"{mode}/zeroshot/{zs.name}/{k}": v for k, v in res.items()})
         for cs in retrieval_sets:
             for mode, res in caption_retrieval(model, cs, tokenizer, dp_rank=dp_rank, dp_size=dp_size,

@@ -43,6 +43,7 @@ class Evaluator:
     tokenizer: object
     layout: object
     max_batches: int
+    zero_shot_max_images: int = 0
     figures: bool = False
     figure_images: int = 4
     """Validation images in the patch->expert overlays."""
@@ -59,7 +60,8 @@ class Evaluator:
         scalars = evaluate(model, val_loader=self.val_loader, zero_shot_sets=self.zero_shot_sets,
                            compositional_sets=self.compositional_sets, tokenizer=self.tokenizer,
                            dp_rank=self.layout.dp_rank, dp_size=self.layout.dp,
-                           max_batches=self.max_batches, record=record)
+                           max_batches=self.max_batches, zero_shot_max_images=self.zero_shot_max_images,
+                           record=record)
         if record is None or not is_main():
             return scalars, {}
         from limoe_ds.eval.figures import routing_figures
@@ -157,7 +159,8 @@ class Trainer:
             for line in coverage_problems(self.tokenizer.renderer.coverage(prompts)):
                 log(line)
         return Evaluator(val_loader, zero_shot, self.tokenizer, self.layout,
-                         cfg.eval.max_batches, figures=cfg.logging.tensorboard and cfg.model.any_moe is not None,
+                         cfg.eval.max_batches, cfg.eval.zero_shot_max_images,
+                         figures=cfg.logging.tensorboard and cfg.model.any_moe is not None,
                          compositional_sets=[compositional_set(c, cfg.eval.compositional_scenes)
                                              for c in cfg.eval.compositional])
 
