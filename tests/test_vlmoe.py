@@ -91,7 +91,8 @@ def test_vlmoe_clippo_runs_with_both_pools_sharded_resumes_exports_and_evaluates
     statistics per pool and modality, a bitwise resume from step 2, an export whose weights are the
     consolidated checkpoint's (two expert modules per block) and that loads without tokenizer.json,
     and tools/evaluate.py on one rank giving the run's zero-shot numbers (no tokenizer anywhere:
-    the run, the export and the evaluation render their captions)."""
+    the run, the export and the evaluation render their captions); the checkpoint resharded to
+    expert-parallel 1 and back keeps both pools bit for bit."""
     from limoe_ds.data.render import PixelText
     from test_family import _export_and_evaluate
     sets = ["model.preset=tiny-vlmoe-clippo", "tokenizer=null", "train.save_every=2"]
@@ -109,8 +110,21 @@ def test_vlmoe_clippo_runs_with_both_pools_sharded_resumes_exports_and_evaluates
     assert resumed.returncode == 0, out[-3000:]
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
     assert sorted(b) == [3, 4] and [a[s] for s in b] == [b[s] for s in b]
-    loaded, _ = _export_and_evaluate(tmp_path / "full" / "checkpoints" / "step00000004", tmp_path, rows)
+    ckpt = tmp_path / "full" / "checkpoints" / "step00000004"
+    loaded, _ = _export_and_evaluate(ckpt, tmp_path, rows)
     assert [(layer.index, layer.pool) for layer in loaded.model.moe_layers()] == [(1, "image"), (1, "text")]
+    # resharded to expert-parallel 1 and back to 2: both pools' experts and Adam moments bit for bit
+    from limoe_ds.checkpoint.convert import read_full_state
+    from test_convert import _same_state, convert_tool
+    ep1, ep2 = tmp_path / "ep1", tmp_path / "ep2"
+    assert convert_tool.main(["reshard", str(ckpt), str(ep1), "--ep", "1", "--world", "2"]) == 0
+    assert convert_tool.main(["reshard", str(ep1 / "step00000004"), str(ep2), "--ep", "2", "--world", "2"]) == 0
+    source = read_full_state(ckpt)
+    assert {k.split(".deepspeed_moe")[0] for k in source.weights if ".experts." in k} == {
+        "blocks.1.ffn.image", "blocks.1.ffn.text"}
+    for out, ep in ((ep1, 1), (ep2, 2)):
+        state = read_full_state(out / "step00000004")
+        assert state.layout.ep == ep and _same_state(source, state), out
     assert not (tmp_path / "export" / "tokenizer.json").exists() and isinstance(loaded.tokenizer, PixelText)
     assert loaded.zero_shot_classifier(["shirt", "bag"], ["a photo of a {}."]).shape == (2, loaded.cfg.embed_dim)
     assert loaded.tokenize(["a bag"]).shape == (1, 3, 32, 32)
