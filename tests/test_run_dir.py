@@ -46,6 +46,8 @@ def no_process_group(monkeypatch, capsys):
 
 def _main(monkeypatch, capsys, run_dir: Path, sets=(), *, rank=0, world=2, resume=None) -> tuple[int, list[str]]:
     from limoe_ds.train.cli import main
+    for k in run_lock._JOB_VARS:  # an earlier test's process group leaves MASTER_ADDR/PORT: not this job's
+        monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("RANK", str(rank))
     argv = ["--deepspeed_config", str(TINY), "--set", *REFERENCE_SETS, f"train.run_dir={run_dir}", *sets]
@@ -61,8 +63,9 @@ def _hold(run_dir: Path, ranks: int) -> subprocess.Popen:
     code = ("import sys; from limoe_ds.runtime.run_lock import acquire; "
             f"locks = [acquire({str(run_dir)!r}, r, command=['first', 'job']) for r in range({ranks})]; "
             "print('held', flush=True); sys.stdin.read()")
+    env = {k: v for k, v in os.environ.items() if k not in run_lock._JOB_VARS}  # a job of its own
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            text=True, env={**env, "PYTHONPATH": str(ROOT)})
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -80,7 +83,10 @@ def test_a_second_job_refuses_a_held_run_dir_and_a_dead_holder_blocks_nothing(
         assert "first job" in err[0] and err[0].endswith("stop that run or choose another train.run_dir"), err
         # every rank checks its own lock: rank 1 of the second job refuses too, on its own (at once:
         # the holder's record names no launcher job that rank 0's also names)
+        t0 = time.monotonic()
         rc, err = _main(monkeypatch, capsys, run_dir, rank=1)
+        from limoe_ds.train.cli import LOCK_QUIET_WAIT_S
+        assert time.monotonic() - t0 < LOCK_QUIET_WAIT_S / 2, "rank 1 waited for a SIGTERM of its own job"
         assert rc == 2 and len(err) == 1 and err[0].startswith(f"error (rank 1): {want}") and "(rank 1:" in err[0], err
         # what tools/evaluate.py and convert_checkpoint.py read takes no lock: it works while the run dir is in use
         ckpt = run_dir / "checkpoints" / "step00000004"
