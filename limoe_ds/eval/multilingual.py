@@ -4,7 +4,8 @@ The showcase of a pixels-only model (CLIPPO, ``model.text_input='pixels'``): it 
 font draws, with no tokenizer and no vocabulary, so a caption in Greek or Japanese is as well-formed
 an input as an English one; a token model maps the letters its BPE never saw to a few byte tokens.
 The set (``tools/build_multilingual_eval.py``) is the Tux Paint stamps: one picture each, an English
-caption and translations in ~65 languages (``xx.utf8=...`` lines of the stamp's ``.txt``).
+caption and translations (``xx.utf8=...`` lines of the stamp's ``.txt``): 77 languages in 17 scripts
+once untranslated and mis-encoded captions are left out.
 
 Per language: text->image R@1/5 of that language's captions among ALL the stamp images (chance k/N,
 the same gallery for every language) and image->text R@1/5 of the images it captions among its
