@@ -85,7 +85,6 @@ def test_batch_priority_switches_the_routing_of_every_layer_and_restores_it():
     (["model.preset=tiny-vmoe"], "tokenizer: a classifier (model.num_classes, V-MoE) reads image labels"),
     (["model.preset=tiny-vmoe", "tokenizer=null"], "eval.zero_shot: a classifier has no text tower"),
     ([*VMOE, "train.loss_impl=ring", "train.loss=sigmoid"], "train.loss_impl: a classifier's cross-entropy"),
-    ([*VMOE, "ds.gradient_accumulation_steps=2"], "gradient_accumulation_steps: is 2; a classifier trains one"),
     ([*VMOE, "model.num_classes=1"], "model.num_classes: must be >= 2"),
     (["model.preset=tiny-2t", "model.num_classes=10", "tokenizer=null"], "a classifier (V-MoE) is image-only"),
     (["model.preset=tiny-clippo-vmoe"], "unknown preset 'tiny-clippo-vmoe'"),
@@ -234,3 +233,78 @@ def _lit_chain(export, loaded) -> None:
     res = zero_shot(model.eval(), load_zeroshot_set(cfg.eval.zero_shot[0]), tok, dp_rank=0, dp_size=1)
     assert res["images"] == 10000 and 0 <= res["top1"] <= 1
 
+
+
+# ---- gradient accumulation ----------------------------------------------------------------------------------
+def _vmoe_cfg():
+    import dataclasses
+    cfg = get_preset("tiny-vmoe")
+    return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, capacity_factor=0.5))  # tokens dropped
+
+
+def _vmoe_batch(dp_rank: int, n: int):
+    gen = torch.Generator().manual_seed(50 + dp_rank)
+    return torch.rand(n, 3, 32, 32, generator=gen) * 2 - 1, torch.randint(0, 10, (n,), generator=gen)
+
+
+def _vmoe_accum_worker(rank, world, k):
+    from deepspeed.utils import safe_get_full_grad
+    from limoe_ds import parallel
+    from limoe_ds.train.engine import build_engine, classification_step
+    from test_distributed import B, _ds_config, _global_name, _noise_seed
+    cfg = _vmoe_cfg()
+    layout = parallel.Layout(rank=rank, world_size=world, ep=2, tp=1)
+    parallel.setup(layout)
+    model = build_model(cfg, ep_size=2, ep_rank=layout.ep_rank, seed=0)
+    engine, _ = build_engine(model, {**_ds_config(1, 0.0, layout.dp), "gradient_accumulation_steps": k,
+                                     "train_batch_size": B * k * layout.dp})
+    num_local = cfg.moe.num_experts // 2
+    grads, step = {}, engine.step
+
+    def record_then_step():  # the gradients DeepSpeed steps with, at the accumulation boundary
+        if engine.is_gradient_accumulation_boundary():
+            grads.update({_global_name(n, layout.ep_rank, num_local): safe_get_full_grad(p).clone()
+                          for n, p in engine.module.named_parameters()})
+        step()
+    engine.step = record_then_step
+    images, labels = _vmoe_batch(layout.dp_rank, B * k)
+    torch.manual_seed(_noise_seed(0, layout.dp_rank))
+    passes = []
+    r = classification_step(engine, {"images": images, "labels": labels}, "softmax", passes=passes)
+    assert not r.skipped and len(passes) == 2 * k and engine.global_steps == 1
+    same = all(torch.equal(a.logits, b.logits) and all(torch.equal(a.aux_losses[n], b.aux_losses[n])
+                                                        for n in a.aux_losses) for a, b in zip(passes[:k], passes[k:]))
+    dropped = sum(float((s.routed_ME - s.kept_ME).sum()) for p in passes[:k] for s in p.routing)
+    parallel.teardown()
+    return {"loss": r.loss, "grads": grads, "same": same, "dropped": dropped}
+
+
+@pytest.mark.integration  # gloo ranks and the DeepSpeed engine
+def test_classifier_gradient_accumulation_equals_one_step_on_the_k_times_larger_batch():
+    """tiny-vmoe on 2 ranks (expert-parallel 2), gradient_accumulation_steps=2: the loss and the
+    gradients of the mean over all 4 micro-batches (each its own routing pool) of cross-entropy +
+    aux, computed on one process with every expert; the replay with gradients routes as the first
+    pass (router noise on, capacity factor 0.5, tokens dropped)."""
+    from dist_utils import run_ranks
+    from limoe_ds.losses import classification_loss
+    from test_distributed import B, _noise_seed
+    k = 2
+    results = run_ranks(_vmoe_accum_worker, 2, k)
+    model = build_model(_vmoe_cfg(), seed=0)
+    total = 0.0
+    for r in range(2):
+        images, labels = _vmoe_batch(r, B * k)
+        torch.manual_seed(_noise_seed(0, r))
+        for m in range(k):
+            rows = slice(m * B, (m + 1) * B)
+            out = model(images[rows], None)
+            total = total + classification_loss(out.logits, labels[rows], "softmax") + sum(out.aux_losses.values())
+    total = total / (2 * k)
+    total.backward()
+    assert sum(r["loss"] for r in results) / 2 == pytest.approx(total.item(), rel=1e-5)
+    want = {n: p.grad for n, p in model.named_parameters()}
+    assert set().union(*(r["grads"] for r in results)) == set(want)
+    for res in results:
+        assert res["same"] and res["dropped"] > 0
+        for name, g in res["grads"].items():
+            torch.testing.assert_close(g, want[name], rtol=1e-5, atol=2e-6, msg=lambda m: f"{name}: {m}")

@@ -445,9 +445,6 @@ def _check_classifier(cfg: RunConfig) -> None:
            "a classifier has no text tower to score captions; drop the key")
     _check(cfg.train.loss_impl == "all_gather", "train.loss_impl",
            "a classifier's cross-entropy is per sample and needs no exchange; drop the key")
-    _check(cfg.grad_accum == 1, "gradient_accumulation_steps",
-           f"is {cfg.grad_accum}; a classifier trains one micro-batch per step (accumulation for classifiers is "
-           f"not implemented): raise train_micro_batch_size_per_gpu or the rank count instead")
 
 
 def _check_router_collapse(cfg: RunConfig) -> None:

@@ -135,11 +135,23 @@ def train_step(engine, batch: dict[str, torch.Tensor], loss_impl: str = "all_gat
     return StepResult(False, total, contr, dict(zip(out.aux_losses, aux)), out.routing)
 
 
-def classification_step(engine, batch: dict[str, torch.Tensor], kind: str = "softmax") -> StepResult:
+def classification_step(engine, batch: dict[str, torch.Tensor], kind: str = "softmax",
+                        passes: list | None = None) -> StepResult:
     """One optimizer step of a classifier (V-MoE): softmax or sigmoid cross-entropy on the class
     logits plus the MoE auxiliary losses; a non-finite loss on any rank skips the step on every rank.
-    One micro-batch per step (the config refuses gradient accumulation for a classifier)."""
+
+    With k = ``gradient_accumulation_steps`` > 1 the batch is k micro-batches (each its own routing
+    pool, as each data-parallel rank's batch is): a pass without gradients computes every
+    micro-batch's loss, keeping the RNG state each started from, so that a non-finite loss skips
+    the step before any gradient exists; then each micro-batch is replayed from its RNG state (the
+    same router noise, hence the same routing) with gradients, through DeepSpeed's accumulation
+    (engine.backward scales by 1/k; engine.step steps the optimizer at the k-th). The gradients are
+    those of the mean over micro-batches of (cross-entropy + aux), one step on the k-times larger
+    batch, for one extra forward per micro-batch. ``passes``: each pass's output appended (tests)."""
     device = engine.device
+    k = engine.gradient_accumulation_steps()
+    if k > 1:
+        return _accumulated_classification_step(engine, batch, kind, k, passes)
     out = engine(batch["images"].to(device), None)
     xent = classification_loss(out.logits, batch["labels"].to(device), kind)
     loss = xent + sum(out.aux_losses.values())
@@ -150,6 +162,37 @@ def classification_step(engine, batch: dict[str, torch.Tensor], kind: str = "sof
     total, task, *aux = torch.stack([loss.detach(), xent.detach(),
                                      *(v.detach().float() for v in out.aux_losses.values())]).tolist()
     return StepResult(False, total, task, dict(zip(out.aux_losses, aux)), out.routing, "xent")
+
+
+def _accumulated_classification_step(engine, batch, kind: str, k: int, passes: list | None) -> StepResult:
+    device = engine.device
+    images, labels = batch["images"].to(device), batch["labels"].to(device)
+    if images.shape[0] % k:
+        raise ValueError(f"a batch of {images.shape[0]} images does not split into {k} micro-batches")
+    images, labels = images.chunk(k), labels.chunk(k)
+    states, xent_total, aux_total, routing = [], 0.0, {}, None
+    with torch.no_grad():
+        for m in range(k):
+            states.append(_rng_state(device))
+            out = engine(images[m], None)
+            xent_total = xent_total + classification_loss(out.logits, labels[m], kind).float() / k
+            for name, v in out.aux_losses.items():
+                aux_total[name] = aux_total.get(name, 0.0) + v.float() / k
+            routing = out.routing if routing is None else [a.merged(b) for a, b in zip(routing, out.routing)]
+            if passes is not None:
+                passes.append(out)
+    loss = xent_total + sum(aux_total.values())
+    if not all_finite(loss.detach()):
+        return StepResult(True, float("nan"), float("nan"), {}, routing, "xent")
+    for m in range(k):
+        _set_rng_state(states[m], device)
+        out = engine(images[m], None)
+        if passes is not None:
+            passes.append(out)
+        engine.backward(classification_loss(out.logits, labels[m], kind) + sum(out.aux_losses.values()))
+        engine.step()  # DeepSpeed steps the optimizer at the k-th (the accumulation boundary)
+    total, task, *aux = torch.stack([loss, xent_total, *aux_total.values()]).tolist()
+    return StepResult(False, total, task, dict(zip(aux_total, aux)), routing, "xent")
 
 
 @dataclass
