@@ -23,6 +23,7 @@ setup(
         "pyyaml>=6.0",
         "tensorboard>=2.15",
         "safetensors>=0.4",
+        "matplotlib>=3.7",  # the expert figures (limoe_ds/eval/figures.py)
         "numpy>=1.24",
         "ninja",  # DeepSpeed JIT-compiles its CPU communication op
     ],

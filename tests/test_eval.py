@@ -430,9 +430,9 @@ def test_training_logs_expert_figures_to_tensorboard_at_each_evaluation(tiny_run
     for tag in tags:
         assert [e.step for e in acc.Images(tag)] == [2, 4], tag  # the in-training and the final evaluation
     chart = acc.Images("experts/modality")[-1]
-    assert (chart.width, chart.height) == (440, 180)  # 2 MoE layers x 220, 160 + 20
+    assert (chart.width, chart.height) == (60 + 2 * 320, 300)  # 2 MoE layers, a 320 x 300 px panel each
     overlay = acc.Images("experts/patches_layer3")[-1]
-    assert (overlay.width, overlay.height) == (2 * 32 * 4, 4 * 32 * 4)  # 4 images beside their patch grids
+    assert (overlay.width, overlay.height) == (450, 4 * 160 + 40)  # 4 images beside their patch grids
     assert "dropless/retrieval/i2t/R@1" in acc.Tags()["scalars"]
 
 
@@ -494,9 +494,9 @@ def test_analyze_experts_writes_a_consistent_report_and_figures(tiny_run, tmp_pa
         for share, k, img_n in zip(s["image_share_per_expert"], kept, s["image"]["tokens_per_expert"]):
             assert k == 0 or share == pytest.approx(img_n / k, abs=1e-4)
     chart = Image.open(out / "experts_modality.png")
-    assert chart.size == (440, 180)
+    assert chart.size == (60 + 2 * 320, 300)
     overlay = Image.open(out / "patches_layer3.png")
-    assert overlay.size == (2 * 32 * 4, 4 * 32 * 4)
+    assert overlay.size == (450, 4 * 160 + 40)
     assert analyze_experts.main(["--checkpoint", str(tmp_path / "nope"), "--out", str(out)]) == 2
 
 

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
          "layers": summary}, indent=1) + "\n")
     modality_chart(summary).save(args.out / "experts_modality.png")
     for index, e in experts.items():
-        patch_overlay(images, e).save(args.out / f"patches_layer{index}.png")
+        patch_overlay(images, e, title=f"MoE layer {index}").save(args.out / f"patches_layer{index}.png")
     print(json.dumps({"out": str(args.out), "layers": list(summary)}))
     return 0
 
