@@ -194,27 +194,34 @@ def _cache_batch(dp_rank: int, k: int, cfg):
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def _grad_cache_worker(rank, world, loss, impl, k, stage):
+def record_boundary_grads(engine, ep_rank: int, num_local: int) -> dict:
+    """Wraps ``engine.step`` so that the returned dict receives, at the accumulation boundary, the
+    full gradient DeepSpeed steps with, keyed by single-device (global expert) names."""
     from deepspeed.utils import safe_get_full_grad
+    from test_distributed import _global_name
+    grads, step = {}, engine.step
+
+    def record_then_step():
+        if engine.is_gradient_accumulation_boundary():
+            grads.update({_global_name(n, ep_rank, num_local): safe_get_full_grad(p).clone()
+                          for n, p in engine.module.named_parameters()})
+        step()
+    engine.step = record_then_step
+    return grads
+
+
+def _grad_cache_worker(rank, world, loss, impl, k, stage):
     from limoe_ds import parallel
     from limoe_ds.model import build_model
     from limoe_ds.train.engine import build_engine, grad_cached_step
-    from test_distributed import B, _ds_config, _global_name, _noise_seed, _routing_tensors
+    from test_distributed import B, _ds_config, _noise_seed, _routing_tensors
     cfg = _cache_model_cfg(loss)
     layout = parallel.Layout(rank=rank, world_size=world, ep=2, tp=1)
     parallel.setup(layout)
     model = build_model(cfg, ep_size=2, ep_rank=layout.ep_rank, seed=0)
     ds = {**_ds_config(stage, 0.0, layout.dp), "gradient_accumulation_steps": k, "train_batch_size": B * k * layout.dp}
     engine, _ = build_engine(model, ds)
-    num_local = cfg.moe.num_experts // 2
-    grads, step = {}, engine.step
-
-    def record_then_step():  # the gradients DeepSpeed steps with, at the accumulation boundary
-        if engine.is_gradient_accumulation_boundary():
-            grads.update({_global_name(n, layout.ep_rank, num_local): safe_get_full_grad(p).clone()
-                          for n, p in engine.module.named_parameters()})
-        step()
-    engine.step = record_then_step
+    grads = record_boundary_grads(engine, layout.ep_rank, cfg.moe.num_experts // 2)
     images, tokens = _cache_batch(layout.dp_rank, k, cfg)
     torch.manual_seed(_noise_seed(0, layout.dp_rank))
     passes = []

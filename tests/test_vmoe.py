@@ -248,25 +248,17 @@ def _vmoe_batch(dp_rank: int, n: int):
 
 
 def _vmoe_accum_worker(rank, world, k):
-    from deepspeed.utils import safe_get_full_grad
     from limoe_ds import parallel
     from limoe_ds.train.engine import build_engine, classification_step
-    from test_distributed import B, _ds_config, _global_name, _noise_seed
+    from test_distributed import B, _ds_config, _noise_seed
+    from test_family import record_boundary_grads
     cfg = _vmoe_cfg()
     layout = parallel.Layout(rank=rank, world_size=world, ep=2, tp=1)
     parallel.setup(layout)
     model = build_model(cfg, ep_size=2, ep_rank=layout.ep_rank, seed=0)
     engine, _ = build_engine(model, {**_ds_config(1, 0.0, layout.dp), "gradient_accumulation_steps": k,
                                      "train_batch_size": B * k * layout.dp})
-    num_local = cfg.moe.num_experts // 2
-    grads, step = {}, engine.step
-
-    def record_then_step():  # the gradients DeepSpeed steps with, at the accumulation boundary
-        if engine.is_gradient_accumulation_boundary():
-            grads.update({_global_name(n, layout.ep_rank, num_local): safe_get_full_grad(p).clone()
-                          for n, p in engine.module.named_parameters()})
-        step()
-    engine.step = record_then_step
+    grads = record_boundary_grads(engine, layout.ep_rank, cfg.moe.num_experts // 2)
     images, labels = _vmoe_batch(layout.dp_rank, B * k)
     torch.manual_seed(_noise_seed(0, layout.dp_rank))
     passes = []
