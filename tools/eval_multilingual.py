@@ -48,11 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         mset = load_multilingual_set(args.data)
     except ValueError as e:  # DataError, ConfigError, CheckpointError are ValueErrors
         return fail(e)
-    import torch
     from limoe_ds.data.render import coverage_problems, text_encoder
     from limoe_ds.eval.multilingual import markdown, multilingual_retrieval
     from limoe_ds.model import build_model
-    torch.manual_seed(0)
     model = build_model(cfg.model)
     model.load_state_dict(state)
     model.eval()

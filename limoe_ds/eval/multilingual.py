@@ -123,19 +123,17 @@ def multilingual_retrieval(model, text_encoder, mset: MultilingualSet, *, batch_
     on one process (every image embedded once; ``capacity_factor`` None: dropless). A language's
     metrics: captions M, script, t2i R@1/R@5 (chance 1/N, 5/N), i2t R@1/R@5 (chance 1/M, 5/M),
     the font's characters and missing glyphs (a CLIPPO model's renderer; None for a tokenizer)."""
-    from limoe_ds.data.benchmarks import image_batches
-    from limoe_ds.data.errors import zero_counts
+    from limoe_ds.data.benchmarks import CaptionSet
     from limoe_ds.eval.run import embed_images, embed_texts
-    counts = zero_counts()
-    batches = image_batches([(p, i) for i, p in enumerate(mset.images)], image_size=model.cfg.image_size,
-                            batch_size=batch_size, max_pixels=50_000_000, counts=counts, threads=threads)
+    gallery = CaptionSet(name=mset.name, images=mset.images, captions=[], image_of_caption=[], threads=threads)
+    batches = gallery.iter_batches(image_size=model.cfg.image_size, batch_size=batch_size)
     img_NK, ids_N = embed_images(model, batches, modes={"m": capacity_factor})["m"]
     position = {int(i): n for n, i in enumerate(ids_N.tolist())}
     N = len(position)
     if N == 0:
         raise DataError(f"multilingual set {mset.name!r}: none of its {len(mset.images)} images could be read")
     renderer = getattr(text_encoder, "renderer", None)
-    out: dict = {"images": N, "skipped_images": sum(counts.values()), "languages": {}, "scripts": {}}
+    out: dict = {"images": N, "skipped_images": sum(gallery.skip_counts.values()), "languages": {}, "scripts": {}}
     for lang in mset.languages():
         kept = [(position[i], c) for i, c in enumerate(mset.captions[lang]) if c and i in position]
         if not kept:
@@ -147,7 +145,7 @@ def multilingual_retrieval(model, text_encoder, mset: MultilingualSet, *, batch_
         scores_MN = txt_MK.float() @ img_NK.float().t()
         t2i = metrics.recall_at_k(scores_MN, target_M, ks=(1, 5))
         i2t = metrics.recall_at_k(scores_MN[:, target_M].t(), torch.arange(M, device=img_NK.device), ks=(1, 5))
-        row = {"captions": M, "script": mset.scripts.get(lang, caption_script(texts[0])),
+        row = {"captions": M, "script": mset.scripts.get(lang) or caption_script(texts[0]),
                "t2i/R@1": t2i[1], "t2i/R@5": t2i[5], "t2i/chance@1": 1 / N, "t2i/chance@5": min(1.0, 5 / N),
                "i2t/R@1": i2t[1], "i2t/R@5": i2t[5], "i2t/chance@1": 1 / M, "i2t/chance@5": min(1.0, 5 / M)}
         if renderer is not None:
