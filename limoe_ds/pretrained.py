@@ -135,18 +135,17 @@ def load_image_tower(model, path: str | os.PathLike) -> int:
     from safetensors import safe_open
     from limoe_ds.checkpoint.format import CheckpointError
     from limoe_ds.model.lit import is_image_tower
-    from limoe_ds.moe.names import global_expert_name
+    from limoe_ds.moe.names import global_expert_name, local_experts
     path = Path(path)
     verify_export(path)
     cfg = model.cfg
-    num_local = cfg.num_experts // model.ep_size if cfg.num_experts else 1
     copied = 0
     with safe_open(str(path / "model.safetensors"), framework="pt") as f, torch.no_grad():
         keys = set(f.keys())
         for name, p in model.named_parameters():
             if not is_image_tower(name):
                 continue
-            gname = global_expert_name(name, model.ep_rank, num_local)
+            gname = global_expert_name(name, model.ep_rank, local_experts(cfg, name, model.ep_size))
             if gname not in keys:
                 raise CheckpointError(f"{path}: has no {gname}; its image tower does not match model's "
                                       f"(train.image_tower.init)")

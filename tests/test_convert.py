@@ -228,7 +228,7 @@ def test_a_resharding_rank_reads_only_the_dense_parameters_and_its_own_experts(e
     num_experts = model_config(full.config["limoe"]["model"]).moe.num_experts
     for ep, ep_rank in ((2, 1), (num_experts, 0)):
         n = num_experts // ep
-        part = read_full_state(ep2_run, keep=experts_of(ep_rank, n))
+        part = read_full_state(ep2_run, keep=experts_of(ep_rank, lambda name, n=n: n))
         experts = {k.split(EXPERT_PREFIX)[1].split(".")[0] for k in part.weights if EXPERT_PREFIX in k}
         assert experts == {str(e) for e in range(ep_rank * n, ep_rank * n + n)}
         dense = {k for k in full.weights if EXPERT_PREFIX not in k}

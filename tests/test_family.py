@@ -336,11 +336,31 @@ def test_two_tower_sparse_text_beside_a_dense_image_tower():
     assert all(p.grad is not None for p in model.text_tower.parameters())
 
 
+def test_two_tower_text_experts_of_their_own_count():
+    """The text tower's MoE layers may hold another expert count than the image tower's: its S_m
+    derive from it, ep must divide both, and an expert-parallel rank initialises each tower's
+    experts by their global index (the full model's)."""
+    from limoe_ds.model import build_model
+    from limoe_ds.parallel.layout import check_model_layout
+    cfg = _resolve("model.preset=tiny-2t", "model.text_tower.moe.num_experts=8").model
+    assert cfg.text_tower.moe.global_entropy_min_experts == {"image": 4.0, "text": 2.0}  # E/2 and E/4 of 8
+    assert cfg.expert_pools() == [("model.moe.num_experts", 4), ("model.text_tower.moe.num_experts", 8)]
+    assert check_model_layout(4, tp=1, ep=4, model=cfg) == []
+    assert "ep=8 does not divide model.moe.num_experts=4" in check_model_layout(8, tp=1, ep=8, model=cfg)[0][1]
+    full, shard = build_model(cfg, seed=5), build_model(cfg, seed=5, ep_size=4, ep_rank=3)
+    for tower, pairs in ((full, ((0, 3),)), (full.text_tower, ((0, 6), (1, 7)))):
+        ex = tower.blocks[1].ffn.deepspeed_moe.experts.deepspeed_experts
+        mine = (shard if tower is full else shard.text_tower).blocks[1].ffn.deepspeed_moe.experts.deepspeed_experts
+        assert len(ex) == (4 if tower is full else 8) and len(mine) == len(pairs)
+        for local, global_ in pairs:
+            torch.testing.assert_close(mine[local].fc1.weight, ex[global_].fc1.weight, rtol=0, atol=0)
+    out = full(torch.rand(2, 3, 32, 32) * 2 - 1, torch.randint(1, 99, (2, 16)))
+    assert [s.routed_ME.shape[1] for s in out.routing] == [4, 4, 8, 8]
+
+
 @pytest.mark.parametrize("sets,message", [
     (["model.text_tower={width: 64, depth: 2, mlp_dim: 256, num_heads: 3}"],
      "model.text_tower.num_heads: width 64 is not divisible by num_heads 3"),
-    (["model.preset=tiny-2t", "model.text_tower.moe.num_experts=8"],
-     "model.text_tower.moe.num_experts: 8 != the image tower's model.moe.num_experts 4"),
     (["model.preset=tiny-2t", "model.text_tower.moe.layers=[5]"], "model.text_tower.moe.layers: block indices [5]"),
     (["model.text_tower={width: 64, depth: 2, mlp_dim: 255, num_heads: 2}", "parallel.tensor_parallel_size=2",
       "parallel.expert_parallel_size=1", "ds.train_batch_size=64"],

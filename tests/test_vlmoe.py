@@ -4,6 +4,7 @@ preset's early MoE layers with the shared dense FFN at the top."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -14,6 +15,8 @@ from limoe_ds.config.model import get_preset
 from limoe_ds.model import build_model
 from limoe_ds.model.limoe import param_counts
 from limoe_ds.moe import collapse, stats
+from limoe_ds.moe.names import local_experts
+from limoe_ds.parallel.layout import check_model_layout
 from test_collapse import _resolve
 from test_train import _launch, _losses
 
@@ -70,7 +73,63 @@ def test_text_embeddings_do_not_depend_on_the_images_even_at_a_capacity_factor()
         assert [s.label for s in model(None, tokens, 0.5).routing] == ["layer1.text"]  # the image pool skipped
 
 
+def _uneven(**kw):
+    """tiny-vlmoe with E_image = 4 and E_text = 2 (model.moe.text_experts)."""
+    cfg = get_preset("tiny-vlmoe")
+    return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, text_experts=2, global_entropy_min_experts=None,
+                                                            **kw))
+
+
+def test_pools_of_different_sizes_route_count_and_initialise_by_global_expert():
+    """E_image != E_text: each pool's router, experts, S_m, statistics and collapse thresholds are
+    of its own count; an expert-parallel rank's local experts of each pool are the full model's
+    global ones (the same seed gives the same model at any ep); one expert per token is active."""
+    cfg = _uneven()
+    assert cfg.moe.global_entropy_min_experts == {"image": 2.0, "text": 2.0}  # S_text = max(2, E_text / 4)
+    assert cfg.expert_pools() == [("model.moe.num_experts", 4), ("model.moe.text_experts", 2)]
+    model = build_model(cfg, seed=3)
+    img, txt = model.blocks[1].ffn.pools()
+    assert (img.gate.wg.out_features, txt.gate.wg.out_features) == (4, 2)
+    assert [len(p.deepspeed_moe.experts.deepspeed_experts) for p in (img, txt)] == [4, 2]
+    assert txt.cfg.global_entropy_min_experts == {"image": 2.0, "text": 2.0} and img.cfg is cfg.moe
+    images, tokens = _batch()
+    out = model(images, tokens)
+    a, b = out.routing
+    assert a.routed_ME.shape == (2, 4) and b.routed_ME.shape == (2, 2) and b.routed_ME.sum().item() == 4 * 11
+    summary = stats.summarize(stats.accumulate({}, out.routing))
+    assert len(summary["layer1.text"]["image_share_per_expert"]) == 2
+    assert collapse.thresholds(model.moe_layers(), None)["layer1.text"]["text"] == 2.0
+    even = param_counts(build_model("tiny-vlmoe", device="meta"))
+    counts = param_counts(build_model(cfg, device="meta"))
+    one_expert = even["expert_params"] // 8  # 4 + 4 experts of the same MLP in block 1
+    assert counts["expert_params"] == 6 * one_expert  # and 2 experts and 2 router rows fewer in all:
+    assert counts["total_params"] == even["total_params"] - 2 * one_expert - 2 * cfg.width
+    for key in ("active_params_per_token", "active_params_per_text_token"):  # one expert MLP; a smaller router
+        assert counts[key] == even[key] - 2 * cfg.width, key
+    assert counts["active_params_per_image_token"] == even["active_params_per_image_token"]
+    shard = build_model(cfg, seed=3, ep_size=2, ep_rank=1)  # image experts 2, 3 and text expert 1
+    for pool, pairs in (("image", ((0, 2), (1, 3))), ("text", ((0, 1),))):
+        full_ex = getattr(model.blocks[1].ffn, pool).deepspeed_moe.experts.deepspeed_experts
+        shard_ex = getattr(shard.blocks[1].ffn, pool).deepspeed_moe.experts.deepspeed_experts
+        assert len(shard_ex) == len(pairs)
+        for local, global_ in pairs:
+            torch.testing.assert_close(shard_ex[local].fc1.weight, full_ex[global_].fc1.weight, rtol=0, atol=0)
+    assert local_experts(cfg, "blocks.1.ffn.text.deepspeed_moe.experts.deepspeed_experts.0.fc1.weight", 2) == 1
+    assert local_experts(cfg, "blocks.1.ffn.image.deepspeed_moe.experts.deepspeed_experts.0.fc1.weight", 2) == 2
+    odd = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, text_experts=3))
+    assert check_model_layout(2, tp=1, ep=2, model=odd) == [("parallel.expert_parallel_size", (
+        "ep=2 does not divide model.moe.text_experts=3 (every expert pool is sharded over the expert-parallel group); "
+        "use a common divisor of the pools' counts"))]
+    assert check_model_layout(2, tp=1, ep=2, model=cfg) == []
+
+
 @pytest.mark.parametrize("sets, message", [
+    (["model.moe.text_experts=2"], "model.moe.text_experts: sizes VL-MoE's text pool: set model.moe.modality_experts"),
+    (["model.preset=tiny-vlmoe", "model.moe.text_experts=1"], "model.moe.text_experts: must be an integer >= 2"),
+    (["model.preset=tiny-vlmoe", "model.moe.text_experts=2", "model.moe.global_entropy_min_experts={text: 3}"],
+     "model.moe.global_entropy_min_experts.text: S must be in [1, text_experts=2]"),
+    (["model.preset=tiny-vlmoe", "model.moe.text_experts=2", "logging.router_collapse.min_experts={text: 3}"],
+     "logging.router_collapse.min_experts.text: must be <= model.moe.text_experts=2"),
     (["model.moe.modality_experts=true", "model.moe.modality_capacity=true"],
      "model.moe.modality_capacity: splits one shared pool's buffers by modality"),
     (["model.preset=tiny-2t", "model.moe.modality_experts=true"], "model.moe.modality_experts: needs one tower"),
@@ -87,7 +146,8 @@ def test_vlmoe_config_errors_name_the_key(sets, message):
 @pytest.mark.integration  # the deepspeed launcher (_launch)
 def test_vlmoe_clippo_runs_with_both_pools_sharded_resumes_exports_and_evaluates(tmp_path):
     """tiny-vlmoe-clippo (VL-MoE's pools, CLIPPO's rendered captions: one run for both family
-    members) on 2 ranks with expert parallelism 2 (each pool's 4 experts split 2 + 2): routing
+    members) with pools of different sizes (model.moe.text_experts) on 2 ranks with expert
+    parallelism 2 (the image pool's 4 experts split 2 + 2, the text pool's 2 split 1 + 1): routing
     statistics per pool and modality, a bitwise resume from step 2, an export whose weights are the
     consolidated checkpoint's (two expert modules per block) and that loads without tokenizer.json,
     and tools/evaluate.py on one rank giving the run's zero-shot numbers (no tokenizer anywhere:
@@ -95,7 +155,7 @@ def test_vlmoe_clippo_runs_with_both_pools_sharded_resumes_exports_and_evaluates
     expert-parallel 1 and back keeps both pools bit for bit."""
     from limoe_ds.data.render import PixelText
     from test_family import _export_and_evaluate
-    sets = ["model.preset=tiny-vlmoe-clippo", "tokenizer=null", "train.save_every=2"]
+    sets = ["model.preset=tiny-vlmoe-clippo", "model.moe.text_experts=2", "tokenizer=null", "train.save_every=2"]
     full = _launch(tmp_path / "full", 4, sets)
     out, _ = full.communicate(timeout=600)
     assert full.returncode == 0, out[-3000:]
@@ -122,6 +182,9 @@ def test_vlmoe_clippo_runs_with_both_pools_sharded_resumes_exports_and_evaluates
     source = read_full_state(ckpt)
     assert {k.split(".deepspeed_moe")[0] for k in source.weights if ".experts." in k} == {
         "blocks.1.ffn.image", "blocks.1.ffn.text"}
+    assert {pool: {int(k.split("deepspeed_experts.")[1].split(".")[0]) for k in source.weights
+                   if f".ffn.{pool}.deepspeed_moe.experts." in k} for pool in ("image", "text")} == {
+        "image": {0, 1, 2, 3}, "text": {0, 1}}  # single-device (global) expert names
     for out, ep in ((ep1, 1), (ep2, 2)):
         state = read_full_state(out / "step00000004")
         assert state.layout.ep == ep and _same_state(source, state), out

@@ -55,6 +55,7 @@ def summarize(cfg: ModelConfig) -> dict:
             "num_heads": cfg.num_heads, "image_size": cfg.image_size, "patch_size": cfg.patch_size,
             "text_len": cfg.text_len, "vocab_size": cfg.vocab_size,
             "num_experts": moe.num_experts if moe else 0, "moe_layers": list(moe.layers) if moe else [],
+            **({"text_experts": moe.pool_experts("text")} if moe and moe.modality_experts else {}),
             "text_tower": None if cfg.text_tower is None else {
                 "width": cfg.text_tower.width, "depth": cfg.text_tower.depth, "mlp_dim": cfg.text_tower.mlp_dim,
                 "num_heads": cfg.text_tower.num_heads,

@@ -35,7 +35,7 @@ from limoe_ds.checkpoint import format as fmt
 from limoe_ds.checkpoint import integrity
 from limoe_ds.checkpoint import io as checkpoint
 from limoe_ds.checkpoint.format import CheckpointError
-from limoe_ds.moe.names import global_expert_name, is_expert, split_expert_name
+from limoe_ds.moe.names import global_expert_name, is_expert, local_experts, split_expert_name
 from limoe_ds.parallel.layout import Layout
 from limoe_ds.parallel.tp_plan import tp_partition, tp_unshard
 
@@ -127,11 +127,10 @@ def read_full_state(ckpt_dir: str | os.PathLike, keep: Callable[[str], bool] | N
     lanes = [_load(fmt.model_states(ckpt_dir, t)) for t in range(layout.tp)]
     from limoe_ds.config.run import model_config
     model_cfg = model_config(cfg["limoe"]["model"])
-    num_local = model_cfg.num_experts // layout.ep if model_cfg.num_experts else 1
     read = _zero0_parts if stage == 0 else _zero12_parts
     # per lane: dense parameters (tp shards, local names); experts by global name
     prefixes = _locked_prefixes(cfg, model_cfg)
-    lane_parts, experts, adam_step, template = read(ckpt_dir, lanes, layout, model_cfg, num_local, keep, prefixes)
+    lane_parts, experts, adam_step, template = read(ckpt_dir, lanes, layout, model_cfg, keep, prefixes)
     locked = _locked_names(model_cfg, prefixes, keep)
 
     weights, exp_avg, exp_avg_sq = {}, {}, {}
@@ -198,7 +197,7 @@ def _locked_weights(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg
 Parts = dict[str, dict[str, torch.Tensor]]
 
 
-def _zero12_parts(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg, num_local: int,
+def _zero12_parts(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg,
                   keep: Callable[[str], bool] | None, locked: tuple[str, ...]
                   ) -> tuple[list[Parts], Parts, dict[str, int], dict]:
     """ZeRO 1/2: every rank's file holds its flat partition of every optimizer group."""
@@ -228,7 +227,7 @@ def _zero12_parts(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg, 
                 if offset + n > flat["fp32"].numel():
                     raise CheckpointError(f"{ckpt_dir}: optimizer group {g} holds {flat['fp32'].numel()} values, "
                                           f"fewer than its parameters need; a shard is truncated or from another run")
-                gname = global_expert_name(name, key, num_local) if is_moe else name
+                gname = global_expert_name(name, key, local_experts(model_cfg, name, layout.ep)) if is_moe else name
                 if keep is not None and not keep(gname):
                     offset += n
                     continue
@@ -257,7 +256,7 @@ def _zero12_parts(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg, 
     return lane_parts, experts, adam_step, template
 
 
-def _zero0_parts(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg, num_local: int,
+def _zero0_parts(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg,
                  keep: Callable[[str], bool] | None, locked: tuple[str, ...]
                  ) -> tuple[list[Parts], Parts, dict[str, int], None]:
     """ZeRO 0: DeepSpeed writes one whole (unpartitioned) optimizer state per expert-parallel rank and
@@ -271,7 +270,7 @@ def _zero0_parts(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg, n
     experts: Parts = {}
     adam_step: dict[str, int] = {}
     expert_files: dict[Path, dict] = {}
-    # local names and their order are the same on every ep rank (experts numbered 0..num_local-1)
+    # local names and their order are the same on every ep rank (each layer's experts numbered 0..E/ep-1)
     model = build_model(model_cfg, device="meta", ep_size=layout.ep, ep_rank=0)
     for n, p in model.named_parameters():  # a locked parameter is in no group (train.engine.param_groups)
         p.requires_grad_(not lit.is_locked(n, locked))
@@ -291,7 +290,7 @@ def _zero0_parts(ckpt_dir: Path, lanes: list[dict], layout: Layout, model_cfg, n
             master = [p for group in saved["fp32_groups"] for p in group] if bf16 else None
             for i, name in enumerate(order):
                 expert = is_expert(name)
-                gname = global_expert_name(name, e, num_local)
+                gname = global_expert_name(name, e, local_experts(model_cfg, name, layout.ep))
                 if (expert and t != 0) or (not expert and e != 0) or (keep is not None and not keep(gname)):
                     continue
                 state = opt["state"].get(i)

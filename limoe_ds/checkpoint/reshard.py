@@ -18,7 +18,7 @@ from limoe_ds.checkpoint import format as fmt
 from limoe_ds.checkpoint import io as checkpoint
 from limoe_ds.compat import deepspeed as compat
 from limoe_ds.checkpoint.convert import CheckpointError, read_full_state
-from limoe_ds.moe.names import global_expert_name, split_expert_name
+from limoe_ds.moe.names import global_expert_name, local_experts, split_expert_name
 from limoe_ds.runtime.launch_env import free_port
 
 
@@ -52,14 +52,16 @@ def check_reshard(src: Path, out: Path, *, tp: int, ep: int, world: int) -> dict
     return marker
 
 
-def experts_of(ep_rank: int, num_local: int) -> Callable[[str], bool]:
+def experts_of(ep_rank: int, num_local: Callable[[str], int]) -> Callable[[str], bool]:
     """name -> whether an expert-parallel rank holds it: every dense parameter, and the experts
-    ep_rank * num_local ... (ep_rank + 1) * num_local - 1 (single-device names)."""
-    lo = ep_rank * num_local
+    ep_rank * n ... (ep_rank + 1) * n - 1 of its layer, n = ``num_local(name)`` (single-device names)."""
 
     def keep(name: str) -> bool:
         parts = split_expert_name(name)
-        return parts is None or lo <= parts[1] < lo + num_local
+        if parts is None:
+            return True
+        n = num_local(name)
+        return ep_rank * n <= parts[1] < (ep_rank + 1) * n
     return keep
 
 
@@ -79,14 +81,13 @@ def reshard_rank(rank: int, world: int, src: str, out: str, tp: int, ep: int) ->
     marker = checkpoint.read_marker(src_dir, "checkpoint")
     cfg = run_config.resolve(resharded_config(marker, tp=tp, ep=ep, world=world), world_size=world, check_paths=False)
     layout = parallel.Layout(rank=rank, world_size=world, ep=ep, tp=tp)
-    num_local = cfg.model.num_experts // ep if cfg.model.num_experts else 1
-    state = read_full_state(src_dir, keep=experts_of(layout.ep_rank, num_local))
+    state = read_full_state(src_dir, keep=experts_of(layout.ep_rank, lambda name: local_experts(cfg.model, name, ep)))
     parallel.setup(layout)
     # on the CPU, not meta: DeepSpeed tags expert parameters at construction (to_empty would drop the tags)
     model = parallel.parallelize(build_model(cfg.model, ep_size=ep, ep_rank=layout.ep_rank), layout)
 
     def local(full: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        gname = global_expert_name(name, layout.ep_rank, num_local)
+        gname = global_expert_name(name, layout.ep_rank, local_experts(cfg.model, name, ep))
         split = parallel.tp_partition(gname) if tp > 1 else None
         value = full[gname]
         return value if split is None else parallel.tp_shard(value, *split, tp, layout.tp_rank)

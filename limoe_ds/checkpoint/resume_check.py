@@ -15,7 +15,8 @@ prefix, DeepSpeed's keys as they are written in the JSON):
   refused with the reshard hint (``tools/convert_checkpoint.py reshard``), as ``checkpoint.io.load``.
 * refused, the weights or the optimizer state do not fit: every ``model.*`` key that shapes the
   parameters or the computation (width, depth, heads, patch, vocabulary, pooling, ``moe.num_experts``,
-  ``moe.layers``, ...); ``train_micro_batch_size_per_gpu`` / ``train_batch_size`` (the saved data
+  ``moe.layers``, ``moe.modality_experts``, ``moe.text_experts``, ...);
+  ``train_micro_batch_size_per_gpu`` / ``train_batch_size`` (the saved data
   position counts batches of the saved size); ``zero_optimization.stage``; ``bf16.enabled`` /
   ``fp16.enabled``; ``optimizer.type``.
 * refused, the new value would be silently ignored: ``optimizer.params.*`` (betas, eps,
@@ -75,6 +76,8 @@ RULES: list[tuple[str, str, str]] = [
     ("parallel.*", REFUSE, "the checkpoint is sharded for the saved layout"),
     ("model.moe.num_experts", REFUSE, _SHAPE),
     ("model.moe.layers", REFUSE, _SHAPE),
+    ("model.moe.modality_experts", REFUSE, _SHAPE),  # one shared pool <-> VL-MoE's two
+    ("model.moe.text_experts", REFUSE, _SHAPE),
     ("model.moe", REFUSE, _SHAPE),  # dense <-> MoE
     ("model.moe.*", ALLOW, ""),  # routing knobs: capacity, BPR, noise, aux-loss weights
     ("model.temperature_max", ALLOW, ""),

@@ -53,9 +53,12 @@ class MoEConfig:
     tokens within each budget. False: one shared buffer of C = ceil(cf * slots / E) (LIMoE)."""
     modality_experts: bool = False
     """VL-MoE (Shen et al. 2023): each MoE layer holds two expert pools with routers of their own,
-    ``num_experts`` experts for image patches and ``num_experts`` for text tokens; a token is
+    ``num_experts`` experts for image patches and ``text_experts`` for text tokens; a token is
     routed within its modality's pool only (the per-modality losses, BPR and capacity apply per
     pool). False: one pool shared by both modalities (LIMoE)."""
+    text_experts: int | None = None
+    """E_text, the text pool's expert count with ``modality_experts`` (None: ``num_experts``, the
+    image pool's); both pools are sharded over the expert-parallel group, so ep divides each."""
     noise_std: float = 1.0
     """sigma; the router adds N(0, (sigma/E)^2) to the logits in training (V-MoE). 0 disables."""
     importance_weight: float = 0.005
@@ -87,9 +90,15 @@ class MoEConfig:
                "modality already: drop one of them")
         for key in ("importance_weight", "load_weight", "z_loss_weight"):
             _check(getattr(self, key) >= 0, f"model.moe.{key}", "must be >= 0")
+        Et = self.text_experts
+        _check(Et is None or self.modality_experts, "model.moe.text_experts",
+               "sizes VL-MoE's text pool: set model.moe.modality_experts=true, or drop the key (one shared pool)")
+        _check(Et is None or (isinstance(Et, int) and not isinstance(Et, bool) and Et >= 2), "model.moe.text_experts",
+               f"must be an integer >= 2 (or null: num_experts), got {Et!r}")
+        Et = self.pool_experts("text")
         self.local_entropy_weight = _per_modality(self.local_entropy_weight, "model.moe.local_entropy_weight")
         self.global_entropy_weight = _per_modality(self.global_entropy_weight, "model.moe.global_entropy_weight")
-        defaults = {"image": max(2, E / 2), "text": max(2, E / 4)}  # spec's provisional S_m
+        defaults = {"image": max(2, E / 2), "text": max(2, Et / 4)}  # spec's provisional S_m
         given = self.global_entropy_min_experts
         if given is None:
             given = {}
@@ -99,8 +108,27 @@ class MoEConfig:
         _check(not unknown, "model.moe.global_entropy_min_experts", f"unknown modality {sorted(unknown)}")
         self.global_entropy_min_experts = {m: float(given.get(m, defaults[m])) for m in MODALITIES}
         for m, s in self.global_entropy_min_experts.items():
-            _check(1 <= s <= E, f"model.moe.global_entropy_min_experts.{m}",
-                   f"S must be in [1, num_experts={E}] (tau = log S <= log E), got {s}")
+            n, key = (Et, "text_experts") if m == "text" and Et != E else (E, "num_experts")
+            _check(1 <= s <= n, f"model.moe.global_entropy_min_experts.{m}",
+                   f"S must be in [1, {key}={n}] (tau = log S <= log E), got {s}")
+
+    def pool_experts(self, modality: str) -> int:
+        """The expert count of the pool that routes ``modality``'s tokens: ``num_experts``, or
+        with VL-MoE's pools ``text_experts`` for text (when given)."""
+        if modality == "text" and self.modality_experts and self.text_experts is not None:
+            return self.text_experts
+        return self.num_experts
+
+    def pool(self, modality: str) -> "MoEConfig":
+        """The config of VL-MoE's ``modality`` pool: this one with ``num_experts`` that pool's count
+        (the image pool: this config itself; S_image of the text pool, which routes no image
+        token, capped at its count)."""
+        E = self.pool_experts(modality)
+        if E == self.num_experts:
+            return self
+        S = dict(self.global_entropy_min_experts)
+        S["image"] = min(S["image"], E)
+        return dataclasses.replace(self, num_experts=E, text_experts=None, global_entropy_min_experts=S)
 
     def global_entropy_threshold(self, modality: str) -> float:
         """tau_m = log(S_m)."""
@@ -229,10 +257,6 @@ class ModelConfig:
                    f"{prefix}.moe.modality_experts",
                    "needs one tower that reads both modalities (a two-tower model's or a classifier's pools hold "
                    "one modality already)")
-        if t is not None and t.moe is not None and self.moe is not None:
-            _check(t.moe.num_experts == self.moe.num_experts, "model.text_tower.moe.num_experts",
-                   f"{t.moe.num_experts} != the image tower's model.moe.num_experts {self.moe.num_experts}: the towers "
-                   f"share one expert-parallel layout (E / ep experts per rank in every MoE layer); use the same count")
 
     @property
     def pixels(self) -> bool:
@@ -268,9 +292,22 @@ class ModelConfig:
 
     @property
     def num_experts(self) -> int | None:
-        """Experts per MoE layer (every MoE layer of the model has the same count), None if dense."""
+        """Experts per MoE layer of the first sparse tower's (image) pool, None if dense; a text
+        tower or VL-MoE's text pool may hold another count (``expert_pools``)."""
         moe = self.any_moe
         return None if moe is None else moe.num_experts
+
+    def expert_pools(self) -> list[tuple[str, int]]:
+        """[(config key, expert count)] of every kind of expert pool the model holds: each sparse
+        tower's, and VL-MoE's text pool; what the expert-parallel size must divide."""
+        pools = []
+        for prefix, tower in (("model.moe", self), ("model.text_tower.moe", self.text_tower)):
+            moe = None if tower is None else tower.moe
+            if moe is not None:
+                pools.append((f"{prefix}.num_experts", moe.num_experts))
+                if moe.pool_experts("text") != moe.num_experts:
+                    pools.append((f"{prefix}.text_experts", moe.pool_experts("text")))
+        return pools
 
     @property
     def text_width(self) -> int:

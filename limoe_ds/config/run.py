@@ -270,21 +270,26 @@ def model_config(d: Mapping[str, Any]) -> ModelConfig:
             return config_from_dict(d)
         base = get_preset(preset).to_dict()
         if isinstance(d.get("moe"), Mapping) and base.get("moe") is not None:
-            moe = dict(base["moe"])
-            if "num_experts" in d["moe"] and "global_entropy_min_experts" not in d["moe"]:
-                # the preset's S_m were derived from ITS expert count: derive them for the new one
-                moe["global_entropy_min_experts"] = None
-            d["moe"] = {**moe, **d["moe"]}
+            d["moe"] = _merge_moe(base["moe"], d["moe"])
         if isinstance(d.get("text_tower"), Mapping) and base.get("text_tower") is not None:
             # a two-tower preset's text tower, key by key (and its moe section too)
             text, given = dict(base["text_tower"]), dict(d["text_tower"])
             if isinstance(given.get("moe"), Mapping) and text.get("moe") is not None:
-                given["moe"] = {**text["moe"], **given["moe"]}
+                given["moe"] = _merge_moe(text["moe"], given["moe"])
             d["text_tower"] = {**text, **given}
         return config_from_dict({**base, **d})
     except (ValueError, TypeError) as e:
         msg = str(e)
         raise ConfigError(msg if msg.startswith(("model", "moe")) else f"model: {msg}") from None
+
+
+def _merge_moe(preset: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """A preset's moe section with the given keys on top; the preset's S_m were derived from ITS
+    expert counts: a new count (without S_m given) derives them for the new one."""
+    moe = dict(preset)
+    if {"num_experts", "text_experts"} & set(given) and "global_entropy_min_experts" not in given:
+        moe["global_entropy_min_experts"] = None
+    return {**moe, **given}
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -451,9 +456,11 @@ def _check_router_collapse(cfg: RunConfig) -> None:
     """More effective experts than the model has would be an alarm at every window."""
     moe = cfg.model.any_moe
     for m, v in (cfg.logging.router_collapse.min_experts or {}).items():
-        _check(moe is None or v <= moe.num_experts, f"logging.router_collapse.min_experts.{m}",
-               f"must be <= model.moe.num_experts={moe.num_experts if moe else 0} (a modality spread evenly "
-               f"over every expert has that many effective experts), got {v:g}")
+        E = moe.pool_experts(m) if moe else 0
+        key = "text_experts" if moe and E != moe.num_experts else "num_experts"
+        _check(moe is None or v <= E, f"logging.router_collapse.min_experts.{m}",
+               f"must be <= model.moe.{key}={E} (a modality spread evenly over every expert of its pool has "
+               f"that many effective experts), got {v:g}")
 
 
 IMAGE_TOWER_KEYS = ("image_size", "patch_size", "channels", "width", "depth", "num_heads", "mlp_dim", "pooling",

@@ -24,7 +24,7 @@ from torch import nn
 from limoe_ds.config.model import ModelConfig
 from limoe_ds.moe.layer import CONFIGURED, MLP, LIMoELayer, ModalityPools
 from limoe_ds.moe.routing import TOKEN_IMAGE, TOKEN_PAD, TOKEN_TEXT, Routing
-from limoe_ds.moe.names import split_expert_name
+from limoe_ds.moe.names import layer_experts, local_experts, split_expert_name
 from limoe_ds.moe.stats import RoutingStats, aux_key
 
 
@@ -334,12 +334,12 @@ def init_weights(model: LIMoEModel, seed: int) -> None:
     afterwards (``limoe_ds.parallel.tp_plan.apply``). Runs are comparable and checkpoints convertible.
     """
     cfg = model.cfg
-    num_local = cfg.num_experts // model.ep_size if cfg.num_experts else 1
     for mod_name, mod in model.named_modules():
         for p_name, p in mod.named_parameters(recurse=False):
             if p.is_meta:
                 continue
-            name = _seed_name(f"{mod_name}.{p_name}", model.ep_rank, num_local)
+            name = f"{mod_name}.{p_name}"
+            name = _seed_name(name, model.ep_rank, local_experts(cfg, name, model.ep_size))
             gen = torch.Generator(device=p.device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
             if p is model.logit_scale:
                 p.fill_(math.log(cfg.temperature_init))
@@ -383,24 +383,26 @@ def build_model(cfg: ModelConfig | str, *, ep_size: int = 1, ep_rank: int = 0, s
 def param_counts(model: LIMoEModel) -> dict[str, int]:
     """Total parameters and active parameters per token (spec: 'Parameter accounting').
 
-    active = total minus, in every MoE layer, the experts a token does not use: (E-1)/E of that
-    layer's expert parameters. Counted on a model holding all experts (ep_size=1).
+    active = total minus, in every MoE layer, the experts a token does not use: all but one expert
+    of its pool (VL-MoE: of its modality's pool; the other pool entirely). Counted on a model
+    holding all experts (ep_size=1).
     """
     assert model.ep_size == 1 and model.tp_degree == 1, "count parameters on a full model (ep_size=1, tp=1)"
     total = sum(p.numel() for p in model.parameters())
-    expert = sum(p.numel() for layer in model.moe_layers() for p in layer.deepspeed_moe.experts.parameters())
-    E = model.cfg.num_experts or 1
+    sizes = [(sum(p.numel() for p in layer.deepspeed_moe.experts.parameters()), layer.cfg.num_experts)
+             for layer in model.moe_layers()]
+    expert = sum(n for n, _ in sizes)
     moe = model.cfg.any_moe
     pools = 2 if moe is not None and moe.modality_experts else 1  # VL-MoE: a token uses 1 of its pool's E
-    inactive = expert - expert // (E * pools)
-    counts = {"total_params": total, "active_params_per_token": total - inactive, "expert_params": expert,
+    used = sum(n // E for n, E in sizes) // pools  # one expert MLP per MoE layer (the same size in each pool)
+    counts = {"total_params": total, "active_params_per_token": total - expert + used, "expert_params": expert,
               "shared_params": total - expert}
     # per modality: the parameters whose multiply-adds a token of that modality pays (the patch
     # embedding, its tower with 1/E of each MoE layer's experts, its pooling and head; not the
     # token-embedding table, a lookup): the per-token compute a compute-matched comparison of one-
     # and two-tower models equalises
     for m in ("image",) if model.cfg.classifier else ("image", "text"):
-        counts[f"active_params_per_{m}_token"] = sum(p.numel() // (E if split_expert_name(n) else 1)
+        counts[f"active_params_per_{m}_token"] = sum(p.numel() // layer_experts(model.cfg, n)
                                                      for n, p in model.named_parameters() if m in _used_by(n, model))
     return counts
 

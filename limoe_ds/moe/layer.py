@@ -89,14 +89,15 @@ class LIMoEGate(nn.Module):
 
 class ModalityPools(nn.Module):
     """VL-MoE's MoE layer (``moe.modality_experts``): an image pool and a text pool, each a
-    ``LIMoELayer`` with its own router and ``num_experts`` experts (both sharded over the expert-
-    parallel group; DeepSpeed sees two MoE layers, image first). The block routes its image patches
+    ``LIMoELayer`` with its own router, ``num_experts`` image and ``text_experts`` text experts
+    (``MoEConfig.pool``; both pools sharded over the expert-parallel group; DeepSpeed sees two MoE
+    layers, image first). The block routes its image patches
     through ``image`` and its text positions through ``text``; each returns its own routing."""
 
     def __init__(self, width: int, mlp_dim: int, cfg: MoEConfig, *, ep_size: int = 1, index: int = 0) -> None:
         super().__init__()
-        self.image = LIMoELayer(width, mlp_dim, cfg, ep_size=ep_size, index=index, pool="image")
-        self.text = LIMoELayer(width, mlp_dim, cfg, ep_size=ep_size, index=index, pool="text")
+        self.image = LIMoELayer(width, mlp_dim, cfg.pool("image"), ep_size=ep_size, index=index, pool="image")
+        self.text = LIMoELayer(width, mlp_dim, cfg.pool("text"), ep_size=ep_size, index=index, pool="text")
 
     def pools(self) -> list["LIMoELayer"]:
         return [self.image, self.text]
@@ -113,7 +114,8 @@ class LIMoELayer(MoE):
                  pool: str = "") -> None:
         nn.Module.__init__(self)  # MoE.__init__ would build a stock TopKGate (compat.init_moe_fields)
         if cfg.num_experts % ep_size:
-            raise ValueError(f"moe.num_experts={cfg.num_experts} is not divisible by the expert-parallel "
+            key = "text_experts" if pool == "text" else "num_experts"  # (the text pool's: MoEConfig.pool)
+            raise ValueError(f"moe.{key}={cfg.num_experts} is not divisible by the expert-parallel "
                              f"size {ep_size}; choose an ep size that divides it")
         self.cfg, self.index = cfg, index
         self.pool = pool

@@ -33,3 +33,20 @@ def global_expert_name(name: str, ep_rank: int, num_local: int) -> str:
         return name
     head, local, rest = parts
     return f"{head}{EXPERT_PREFIX}{ep_rank * num_local + local}.{rest}"
+
+
+def layer_experts(model_cfg, name: str) -> int:
+    """The expert count of the MoE layer (pool) that parameter ``name`` of a ``ModelConfig``'s
+    model is an expert of: the text tower's, VL-MoE's text pool's (``moe.text_experts``), or the
+    first tower's; 1 for a parameter outside the experts."""
+    if not is_expert(name):
+        return 1
+    if model_cfg.text_tower is not None and (name.startswith("text_tower.") or ".text_tower." in name):
+        return model_cfg.text_tower.moe.num_experts
+    return model_cfg.moe.pool_experts("text" if ".ffn.text." in name else "image")
+
+
+def local_experts(model_cfg, name: str, ep: int) -> int:
+    """Experts of parameter ``name``'s MoE layer on each of ``ep`` expert-parallel ranks: what
+    turns a rank's local expert index into the global one (init, conversion, resharding, export)."""
+    return layer_experts(model_cfg, name) // ep

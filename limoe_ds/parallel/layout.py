@@ -68,9 +68,15 @@ class Layout:
 
 
 def check_model_layout(world_size: int, *, tp: int, ep: int, model) -> list[tuple[str, str]]:
-    """check_layout for a ModelConfig: its expert count, and the heads and MLP width of each tower."""
+    """check_layout for a ModelConfig: its expert count (each pool's), and the heads and MLP width
+    of each tower."""
     problems = check_layout(world_size, tp=tp, ep=ep, num_experts=model.num_experts, num_heads=model.num_heads,
                             mlp_dim=model.mlp_dim, dense=model.num_experts is None)
+    for key, n in model.expert_pools()[1:]:  # a text tower's or VL-MoE's text pool's count
+        if not problems and n % ep:
+            problems.append(("parallel.expert_parallel_size",
+                             f"ep={ep} does not divide {key}={n} (every expert pool is sharded over the "
+                             f"expert-parallel group); use a common divisor of the pools' counts"))
     if model.text_tower is not None and not problems:
         problems = check_layout(world_size, tp=tp, ep=ep, num_heads=model.text_tower.num_heads,
                                 mlp_dim=model.text_tower.mlp_dim, key="model.text_tower")
