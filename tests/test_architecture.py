@@ -67,6 +67,9 @@ RULES = [
     ("limoe_ds.checkpoint", ("limoe_ds.train.trainer", "limoe_ds.train.cli", "limoe_ds.train.logging",
                              "limoe_ds.eval"), False, "checkpoints are files and engines, not the loop"),
     ("limoe_ds.eval", ("limoe_ds.train", "limoe_ds.checkpoint"), False, "evaluation takes a model and data"),
+    ("limoe_ds.experiments", ("limoe_ds.train", "limoe_ds.checkpoint", "limoe_ds.parallel", "limoe_ds.data",
+                              "deepspeed", "megatron"), False,
+     "the experiment runner launches runs through the entry point; it does not run them"),
     ("limoe_ds", ("tests", "tools", "launch"), False, "the library never imports its callers"),
 ]
 DEEPSPEED_USERS = {"limoe_ds.compat.deepspeed", "limoe_ds.moe.layer", "limoe_ds.train.engine",

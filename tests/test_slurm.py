@@ -581,3 +581,42 @@ def test_convert_job_passes_its_arguments_through(slurm, reference):
     log = slurm.log(job)
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert f"tools/convert_checkpoint.py inspect {ckpt}" in log
+
+
+@pytest.mark.integration  # a real SLURM
+def test_an_experiment_grid_as_a_job_array_one_run_per_task(slurm, tmp_path):
+    """launch/slurm/experiment.sbatch: a 1-config x 2-seed grid of tools/experiment.py as a 2-task
+    array (one rank each); each task trains its run through pretrain.sbatch, stores its result and
+    rewrites the grid's results.json (under a lock: the tasks finish together)."""
+    import yaml
+    out = slurm.root / "experiment"
+    grid = tmp_path / "grid.yaml"
+    sets = [*TINY_RUN, "train.steps=4", "parallel.expert_parallel_size=1"]
+    grid.write_text(yaml.safe_dump({"name": "array", "ds_config": str(ROOT / "ds_configs" / "tiny.json"), "ranks": 1,
+                                    "seeds": [0, 1], "sets": sets, "configs": {"limoe": []}, "out": str(out)},
+                                   sort_keys=False))
+    job = slurm.submit("experiment.sbatch", [str(grid)],
+                       flags=["--partition=debug", "--array=0-1", "--nodes=1", "--ntasks-per-node=1",
+                              "--cpus-per-task=1", "--gpus-per-node=0", "--time=15",
+                              f"--output={slurm.root}/jobs/%A_%a.out"],
+                       LAUNCHER="deepspeed", GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1",
+                       PYTHON=sys.executable, JOB_DIR=str(slurm.root / "jobdirs" / "array"))
+    deadline = time.time() + 300
+    while slurm.cmd("squeue", "-h", "-j", job).strip():
+        assert time.time() < deadline, slurm.cmd("squeue", "-j", job) + _logs(slurm)
+        time.sleep(0.5)
+    logs = [(slurm.root / "jobs" / f"{job}_{t}.out").read_text() for t in (0, 1)]
+    for t, log in enumerate(logs):
+        assert f"array task {t}: run limoe/seed{t} (todo)" in log, log[-3000:]
+        assert "training exited with status 0" in log and "after the run:" in log, log[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    assert [(r["seed"], r["status"], r["steps"]) for r in doc["runs"]] == [(0, "done", 4), (1, "done", 4)]
+    assert doc["table"]["limoe"]["dropless/val/contrastive"]["n"] == 2
+    again = slurm.submit("experiment.sbatch", [str(grid)], flags=["--partition=debug", "--array=1", "--nodes=1",
+                         "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0", "--time=15",
+                         f"--output={slurm.root}/jobs/%A_%a.out"], PYTHON=sys.executable)
+    deadline = time.time() + 120
+    while slurm.cmd("squeue", "-h", "-j", again).strip():
+        assert time.time() < deadline, slurm.cmd("squeue", "-j", again)
+        time.sleep(0.5)
+    assert "run limoe/seed1 finished earlier: nothing to do" in (slurm.root / "jobs" / f"{again}_1.out").read_text()

@@ -47,9 +47,10 @@ def load_model_config(preset_or_path: str) -> ModelConfig:
 
 
 def summarize(cfg: ModelConfig) -> dict:
-    from limoe_ds.model import build_model, param_counts
+    from limoe_ds.model import build_model, flops_per_sample, param_counts
     model = build_model(cfg, device="meta")
     counts = param_counts(model)
+    flops = flops_per_sample(model)
     moe = cfg.moe
     return {"preset": cfg.name, "width": cfg.width, "depth": cfg.depth, "mlp_dim": cfg.mlp_dim,
             "num_heads": cfg.num_heads, "image_size": cfg.image_size, "patch_size": cfg.patch_size,
@@ -63,7 +64,8 @@ def summarize(cfg: ModelConfig) -> dict:
                 "moe_layers": list(cfg.text_tower.moe.layers) if cfg.text_tower.moe else []},
             **counts,
             "total_params_b": round(counts["total_params"] / 1e9, 3),
-            "active_params_per_token_b": round(counts["active_params_per_token"] / 1e9, 3)}
+            "active_params_per_token_b": round(counts["active_params_per_token"] / 1e9, 3),
+            "train_flops_per_sample": flops["train"]}
 
 
 def parse_layout(text: str) -> dict[str, int]:

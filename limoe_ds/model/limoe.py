@@ -407,6 +407,30 @@ def param_counts(model: LIMoEModel) -> dict[str, int]:
     return counts
 
 
+def flops_per_sample(model: LIMoEModel) -> dict[str, int]:
+    """Training FLOPs per sample (an image-caption pair; a classifier's image), the equal-compute
+    currency of tools/experiment.py: per modality m with n_m positions (the image's patches; the
+    caption's text_len tokens, padding included, or its rendered patches),
+
+        forward_m = 2 * n_m * active_params_per_m_token + sum over m's blocks of 4 * n_m**2 * width
+
+    (a multiply-add is 2 FLOPs; the second term is attention's scores and weighted sum), and
+    training = 3 x forward (the backward pass costs twice the forward). The pooling and head
+    parameters are counted per token, as ``param_counts`` does (an overestimate of about 1% in
+    tiny); the contrastive logits (B x D per sample) are left out. With expert parallelism or
+    capacity dropping, the FLOPs are those of the routing decision (a dropped token skips its
+    expert but is counted): the configured compute, not a profile."""
+    counts = param_counts(model)
+    cfg = model.cfg
+    towers = dict(model.cfg.towers())
+    forward = 0
+    for m in ("image",) if cfg.classifier else ("image", "text"):
+        n = cfg.num_patches if m == "image" else cfg.text_positions
+        tower = towers.get(m, towers.get("shared"))
+        forward += 2 * n * counts[f"active_params_per_{m}_token"] + tower.depth * 4 * n * n * tower.width
+    return {"forward": forward, "train": 3 * forward}
+
+
 _IMAGE_ONLY = ("patch_embed.", "image_pos", "image_pool.", "image_head.", "class_head.")
 _TEXT_ONLY = ("text_pos", "text_pool.", "text_head.", "text_tower.")
 
