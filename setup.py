@@ -30,6 +30,9 @@ setup(
     extras_require={
         # tools/build_dataset.py rasterises SVG icons with resvg; pinned, so a rebuild is byte-identical
         "data": ["resvg-py==0.5.0"],
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.6", "webdataset>=1.0", "resvg-py==0.5.0"],
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.6", "webdataset>=1.0", "resvg-py==0.5.0",
+                 "wandb>=0.19"],
+        # logging.wandb: Weights & Biases beside TensorBoard (offline by default)
+        "wandb": ["wandb>=0.19"],
     },
 )

@@ -256,7 +256,7 @@ NEW_FIELDS = {"limoe.train.watchdog_seconds": 600.0, "limoe.data.train[0].synthe
               "limoe.model.moe.modality_capacity": False, "limoe.model.text_input": "tokens",
               "limoe.model.text_font_size": 16, "limoe.model.num_classes": None,
               "limoe.model.moe.modality_experts": False, "limoe.model.moe.text_experts": None,
-              "limoe.eval.zero_shot_max_images": 0,
+              "limoe.eval.zero_shot_max_images": 0, "limoe.logging.wandb": None,
               "limoe.logging.router_collapse": {"enabled": True, "min_experts": None, "min_success": 0.5,
                                                 "windows": 3}}
 """Config fields added after tests/assets/legacy was written (dotted key in to_dict() -> default)."""

@@ -139,7 +139,8 @@ def test_an_interrupted_grid_resumes_to_the_results_of_an_uninterrupted_one(tmp_
     fourth run (a checkpoint at the next step boundary, exit 75), then run again (its two finished
     runs skipped, the failed one tried again, limoe/seed1 resumed from its checkpoint). The two
     results.json are the same bytes."""
-    grid = _grid(tmp_path, {"limoe": [], "dense": ["model.preset=tiny-dense"], "broken": ["model.moe.num_experts=1"]})
+    grid = _grid(tmp_path, {"limoe": [], "dense": ["model.preset=tiny-dense", "logging.wandb={project: smoke}"],
+                            "broken": ["model.moe.num_experts=1"]})
     straight, stopped = _tool(grid, tmp_path / "a"), _tool(grid, tmp_path / "b")
     metrics = tmp_path / "b" / "limoe" / "seed1" / "metrics.jsonl"
     deadline = time.time() + 400
@@ -169,6 +170,76 @@ def test_an_interrupted_grid_resumes_to_the_results_of_an_uninterrupted_one(tmp_
     assert {"curves.png", "final.png", "routing.png", "results.md", "timing.json"} <= {
         p.name for p in (tmp_path / "b").iterdir()}
     assert len(json.loads((tmp_path / "b" / "timing.json").read_text())["limoe/seed1"]) == 2  # two launches
+    # logging.wandb (offline) in a real run: W&B's history holds metrics.jsonl's training losses
+    dense = tmp_path / "a" / "dense" / "seed1"
+    logged = {row["step"]: row["loss/total"] for row in wandb_history(dense) if "loss/total" in row}
+    assert logged == {s: v for s, v in _jsonl(dense, "loss/total").items()} and sorted(logged) == list(range(1, 9))
+
+
+def _jsonl(run_dir: Path, key: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def wandb_history(run_dir: Path) -> list[dict]:
+    """Every history row of the offline W&B runs under RUN_DIR/wandb, read from their .wandb files
+    (W&B's record log: a 7-byte ':W&B' header, 32 KiB blocks of chunks with a 7-byte header each,
+    crc32 / length / type (1 full, 2 first, 3 middle, 4 last), holding protobuf Records)."""
+    import struct
+    from wandb.proto import wandb_internal_pb2 as pb
+    rows = []
+    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        data, pos, buf = path.read_bytes(), 7, b""
+        assert data[:4] == b":W&B", path
+        while pos + 7 <= len(data):
+            left = 32768 - pos % 32768
+            if left < 7:
+                pos += left
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if length == 0 and kind == 0:  # the zero padding of a block
+                pos += left
+                continue
+            buf, pos = buf + data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):
+                record = pb.Record()
+                record.ParseFromString(buf)
+                buf = b""
+                if record.WhichOneof("record_type") == "history":
+                    rows.append({"step": record.history.step.num, **{
+                        i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}})
+    return rows
+
+
+@pytest.mark.integration  # W&B starts its own service process
+def test_wandb_offline_logs_every_row_image_and_alarm_and_a_resume_keeps_the_run_id(tmp_path):
+    """logging.wandb with mode offline: the MetricsLog rows, a text entry and an image go to W&B's
+    files under RUN_DIR/wandb and nowhere else; reopening the run directory (a resume) logs to
+    the same run id."""
+    from PIL import Image
+    from limoe_ds.config.run import WandbConfig
+    from limoe_ds.train.logging import MetricsLog, wandb_run_id
+    cfg = WandbConfig(project="limoe-test")
+    log = MetricsLog(tmp_path, tensorboard=False, wandb=cfg, config={"model": {"preset": "tiny"}})
+    log.write(1, {"loss/total": 5.5, "routing/layer1/text/success_rate": 0.75})
+    log.write(2, {"loss/total": 5.0, "loss/nan": float("nan")})
+    log.write(2, {"dropless/val/contrastive": 4.25})
+    log.write_text(2, "alarm/router_collapse", "warning: router collapse in MoE layer3")
+    log.write_images(2, {"experts/modality": Image.new("RGB", (8, 4), (255, 0, 0))})
+    log.close()
+    again = MetricsLog(tmp_path, tensorboard=False, wandb=cfg)  # the run resumed
+    again.write(3, {"loss/total": 4.5})
+    again.close()
+    rows = wandb_history(tmp_path)
+    runs = sorted(tmp_path.glob("wandb/offline-run-*"))
+    assert len(runs) == 2 and all(p.name.endswith(wandb_run_id(tmp_path)) for p in runs)
+    assert [(r["step"], r.get("loss/total")) for r in rows] == [(1, 5.5), (2, 5.0), (3, 4.5)]
+    step2 = rows[1]
+    assert step2["dropless/val/contrastive"] == 4.25 and "loss/nan" not in step2
+    assert step2["alarm/router_collapse"] == "warning: router collapse in MoE layer3"
+    assert step2["experts/modality/_type"] == "image-file" and step2["experts/modality/width"] == 8
+    assert (runs[0] / "files" / step2["experts/modality/path"]).is_file()  # the PNG itself
+    assert rows[0]["routing/layer1/text/success_rate"] == 0.75
 
 
 def test_training_flops_per_sample_by_hand_and_the_twins_of_equal_compute():

@@ -175,6 +175,34 @@ class EvalConfig:
                f"must be >= 2 (one scene of each kind), got {self.compositional_scenes}")
 
 
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass(kw_only=True)
+class WandbConfig:
+    """``logging.wandb``: Weights & Biases beside TensorBoard (rank 0): every metrics.jsonl row,
+    the expert figures and the alarms. ``offline`` (the default) writes the run under
+    ``RUN_DIR/wandb`` and sends nothing (``wandb sync`` uploads it later); ``online`` needs the
+    network and a login. A run resumed in the same run directory continues the same W&B run id."""
+
+    project: str
+    mode: str = "offline"
+    entity: str | None = None
+    name: str | None = None
+    """The W&B run name; None: the run directory's name."""
+    tags: list[str] = field(default_factory=list)
+
+    check_key = "logging.wandb"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.project.strip()), "logging.wandb.project", "must be a non-empty name")
+        _check(self.mode in WANDB_MODES, "logging.wandb.mode", f"must be one of {', '.join(WANDB_MODES)}, "
+               f"got {self.mode!r}")
+        import importlib.util
+        _check(self.mode == "disabled" or importlib.util.find_spec("wandb") is not None, "logging.wandb",
+               "the wandb package is not installed: pip install wandb (or drop logging.wandb)")
+
+
 @dataclass(kw_only=True)
 class RouterCollapseConfig:
     """``logging.router_collapse``: the alarm that watches each log window's routing statistics
@@ -214,6 +242,8 @@ class LoggingConfig:
     progress_bar: bool = True
     router_collapse: RouterCollapseConfig = field(default_factory=RouterCollapseConfig)
     """The router-collapse alarm (docs/TRAINING.md)."""
+    wandb: WandbConfig | None = None
+    """Weights & Biases logging beside TensorBoard (None: off)."""
 
 
 @dataclass(kw_only=True)

@@ -50,34 +50,51 @@ def success_rates(summary: dict[str, dict]) -> dict[str, float]:
             if s[m]["routed_tokens"]}
 
 
-class MetricsLog:
-    """TensorBoard scalars + metrics.jsonl, rank 0 only."""
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of a run directory: the same on every resume of the run (16 hex digits)."""
+    import hashlib
+    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
 
-    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+
+class MetricsLog:
+    """TensorBoard scalars + metrics.jsonl (+ Weights & Biases with ``wandb``), rank 0 only."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, wandb=None, config: dict | None = None) -> None:
         self.enabled = is_main()
-        self.writer = None
+        self.writer = self.wandb = None
         if self.enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
             self.jsonl = open(run_dir / "metrics.jsonl", "a")
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            if wandb is not None and wandb.mode != "disabled":
+                import os
+                import wandb as wb
+                os.environ.setdefault("WANDB_SILENT", "true")
+                self.wandb = wb.init(project=wandb.project, entity=wandb.entity, name=wandb.name or run_dir.name,
+                                     tags=list(wandb.tags), mode=wandb.mode, dir=str(run_dir),
+                                     id=wandb_run_id(run_dir), resume="allow", config=config or {})
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
         self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self.jsonl.flush()
+        finite = {k: v for k, v in scalars.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         if self.writer is not None:
-            for k, v in scalars.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.writer.add_scalar(k, v, step)
+            for k, v in finite.items():
+                self.writer.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(finite, step=step)
 
     def write_text(self, step: int, tag: str, text: str) -> None:
         """A TensorBoard text entry (the run's warnings: limoe_ds.moe.collapse)."""
         if self.writer is not None:
             self.writer.add_text(tag, text, step)
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log({tag: text}, step=step)
 
     def write_images(self, step: int, images: dict) -> None:
         """Pillow images as TensorBoard image summaries (HWC uint8)."""
@@ -86,12 +103,18 @@ class MetricsLog:
             for tag, img in images.items():
                 self.writer.add_image(tag, np.asarray(img.convert("RGB")), step, dataformats="HWC")
             self.writer.flush()
+        if self.wandb is not None and images:
+            import wandb as wb
+            self.wandb.log({tag: wb.Image(img.convert("RGB")) for tag, img in images.items()}, step=step)
 
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
             if self.writer is not None:
                 self.writer.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+                self.wandb = None
 
 
 @dataclass

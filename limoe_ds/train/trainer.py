@@ -240,7 +240,8 @@ class Trainer:
             checkpoint.atomic_write_text(self.run_dir / "resolved_config.json",
                                          json.dumps(cfg.to_dict(), indent=1, default=str))
         rng = self.resume(resume)
-        self.metrics = MetricsLog(self.run_dir, cfg.logging.tensorboard)
+        self.metrics = MetricsLog(self.run_dir, cfg.logging.tensorboard, cfg.logging.wandb,
+                                  config=json.loads(json.dumps(cfg.to_dict(), default=str)))
         bar = self._progress()
         self.window = Window()
         t_start = time.perf_counter()
