@@ -139,7 +139,7 @@ def _set(raw: dict, key: str, value: Any) -> None:
         elif isinstance(child, (str, list)) and tok in ("train", "val"):
             child = {"path": child}
         elif not isinstance(child, dict):
-            child = {"init": "x"} if tok == "image_tower" else {}  # its one required field
+            child = {"image_tower": {"init": "x"}, "wandb": {"project": "x"}}.get(tok, {})  # its one required field
         node[tok] = child
         node = child
     node[tokens[-1].strip("[]") if not tokens[-1].startswith("[") else int(tokens[-1][1:-1])] = value
