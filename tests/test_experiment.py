@@ -170,10 +170,27 @@ def test_an_interrupted_grid_resumes_to_the_results_of_an_uninterrupted_one(tmp_
     assert {"curves.png", "final.png", "routing.png", "results.md", "timing.json"} <= {
         p.name for p in (tmp_path / "b").iterdir()}
     assert len(json.loads((tmp_path / "b" / "timing.json").read_text())["limoe/seed1"]) == 2  # two launches
+    # --experts: the best limoe seed's two kept checkpoints analysed; the dense config has no experts
+    tool = _tool(grid, tmp_path / "a", "--experts")
+    out, _ = tool.communicate(timeout=300)
+    assert tool.returncode == 0, out[-3000:]
+    summary = (tmp_path / "a" / "experts" / "summary.md").read_text().splitlines()
+    rows = [ln for ln in summary if ln.startswith("| limoe")]
+    best = min((0, 1), key=lambda s: (doc["runs"][3 * s]["final"]["dropless/val/contrastive"], s))
+    assert [ln.split(" | ")[1:3] for ln in rows] == [["4", "layer1"], ["4", "layer3"], ["8", "layer1"], ["8", "layer3"]]
+    assert all(f"(seed {best})" in ln for ln in rows) and not any(ln.startswith("| dense") for ln in summary)
     # logging.wandb (offline) in a real run: W&B's history holds metrics.jsonl's training losses
     dense = tmp_path / "a" / "dense" / "seed1"
     logged = {row["step"]: row["loss/total"] for row in wandb_history(dense) if "loss/total" in row}
     assert logged == {s: v for s, v in _jsonl(dense, "loss/total").items()} and sorted(logged) == list(range(1, 9))
+
+
+def test_expert_kinds_and_the_best_seed():
+    from limoe_ds.experiments import experts
+    assert experts.kinds([0.95, 0.8, 0.5, 0.2, 0.05, float("nan")]) == {"image": 2, "text": 2, "mixed": 1, "dead": 1}
+    runs = [{"seed": s, "status": st, "final": {"dropless/val/contrastive": v}}
+            for s, st, v in ((0, "done", 3.5), (1, "done", 3.25), (2, "failed", 1.0))]
+    assert experts.best_run(runs)["seed"] == 1 and experts.best_run(runs[2:]) is None
 
 
 def _jsonl(run_dir: Path, key: str) -> dict[int, float]:

@@ -4,6 +4,7 @@
     python tools/experiment.py experiments/claim1_equal_compute.yaml            # run it (again: resume)
     python tools/experiment.py experiments/claim1_equal_compute.yaml --list     # runs, indices, states
     python tools/experiment.py experiments/claim1_equal_compute.yaml --collect  # results.json/.md, figures
+    python tools/experiment.py experiments/claim1_equal_compute.yaml --experts  # expert specialisation
     python tools/experiment.py GRID --only limoe,dense                          # some configs
     python tools/experiment.py GRID --task 3                                    # run 3 alone, then collect
     sbatch --array=0-11 launch/slurm/experiment.sbatch GRID                     # one array task per run
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--list", action="store_true", help="print the runs and their states, run nothing")
     group.add_argument("--collect", action="store_true", help="write results.json, results.md and figures only")
+    group.add_argument("--experts", action="store_true",
+                       help="analyse the experts of each sparse config's best seed at every kept checkpoint "
+                            "(OUT/experts/summary.md; limoe_ds/experiments/experts.py)")
     group.add_argument("--print-task", type=int, metavar="I",
                        help="print run I as shell assignments (RUN_KEY, RUN_STATE, DS_CONFIG, RUN_SETS) for "
                             "launch/slurm/experiment.sbatch")
@@ -77,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.collect:
             runner.collect_all(exp)
+            return 0
+        if args.experts:
+            from limoe_ds.experiments import experts
+            print(f"wrote {experts.analyze(exp, runner.collect_all(exp, figures=False))}")
             return 0
         if args.task is not None:
             select = [args.task]
