@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from limoe_ds.config.errors import ConfigError
+from limoe_ds.config.errors import check as _check
 
 KEYS = ("name", "description", "ds_config", "ranks", "seeds", "sets", "configs", "metrics", "out")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -77,11 +78,6 @@ class Experiment:
 
     def run(self, config: str, seed: int) -> RunSpec:
         return next(r for r in self.runs if r.config == config and r.seed == seed)
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
 
 
 def _sets(value: Any, key: str) -> list[str]:
