@@ -113,7 +113,9 @@ class MetricsLog:
             if self.writer is not None:
                 self.writer.close()
             if self.wandb is not None:
+                import wandb as wb
                 self.wandb.finish()
+                wb.teardown()  # stop W&B's service process (a test process outlives the run)
                 self.wandb = None
 
 
