@@ -2,7 +2,9 @@
 data-parallel groups, and the expert and expert-data groups of DeepSpeed-MoE, built HERE (not by
 DeepSpeed) so they are consistent with megatron's rank order (``limoe_ds.parallel.layout``), and
 registered where DeepSpeed looks them up. ``MegatronMPU`` hands the same groups to
-``deepspeed.initialize(mpu=...)``.
+``deepspeed.initialize(mpu=...)``. A layout without tensor parallelism (tp == 1) builds the same
+groups itself (``_NoTensorParallel``): importing megatron-core costs about 3 s of CPU per process,
+which every launch, and every rank of every test, paid for groups of one rank.
 
 DeepSpeed 0.19.8 given an mpu would build expert groups from consecutive GLOBAL ranks, i.e. a
 tensor-parallel group; that is why we build them (``compat.deepspeed.register_expert_groups``).
@@ -10,6 +12,7 @@ tensor-parallel group; that is why we build them (``compat.deepspeed.register_ex
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -24,8 +27,8 @@ class MegatronMPU:
     """What ``deepspeed.initialize(mpu=...)`` asks of a model-parallel unit, from megatron-core's
     ``parallel_state`` (no pipeline parallelism: the model-parallel group is the tp group)."""
 
-    def __init__(self, layout: Layout) -> None:
-        self.layout, self._ps = layout, megatron_core().parallel_state
+    def __init__(self, layout: Layout, parallel_state) -> None:
+        self.layout, self._ps = layout, parallel_state
 
     def get_tensor_model_parallel_group(self):
         return self._ps.get_tensor_model_parallel_group()
@@ -62,6 +65,41 @@ class MegatronMPU:
         return 0
 
 
+class _NoTensorParallel:
+    """The part of megatron-core's ``parallel_state`` this project reads, for tp == 1: the groups
+    ``initialize_model_parallel(tensor_model_parallel_size=1)`` builds for it (a group of one rank
+    per rank as the tensor-parallel group, every rank as the data-parallel group), the same ranks
+    in the same order, so that collectives over them are the same."""
+
+    def __init__(self, layout: Layout) -> None:
+        if layout.tp != 1:
+            raise ValueError(f"_NoTensorParallel is for tp == 1, not {layout.tp}")
+        self.rank, self.world = layout.rank, layout.world_size
+        singles = [dist.new_group([r]) for r in range(self.world)]  # every rank creates every group, in order
+        self.tp_group, self.dp_group = singles[self.rank], dist.new_group(list(range(self.world)))
+
+    def get_tensor_model_parallel_group(self):
+        return self.tp_group
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.rank
+
+    def get_data_parallel_group(self):
+        return self.dp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.world
+
+
 @dataclass
 class ParallelState:
     layout: Layout
@@ -87,8 +125,11 @@ def setup(layout: Layout) -> ParallelState:
         raise ValueError(f"layout is for rank {layout.rank} of {layout.world_size}, this process is rank "
                          f"{dist.get_rank()} of {dist.get_world_size()}")
     teardown()
-    parallel_state = megatron_core().parallel_state
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp, create_gloo_process_groups=False)
+    if layout.tp == 1:
+        parallel_state = _NoTensorParallel(layout)
+    else:
+        parallel_state = megatron_core().parallel_state
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp, create_gloo_process_groups=False)
     name = f"ep_size_{layout.ep}"
     mine = []
     for family in (layout.ep_groups(), layout.expert_data_groups()):
@@ -97,16 +138,17 @@ def setup(layout: Layout) -> ParallelState:
     compat.register_expert_groups(name, *mine)
     if layout.tp > 1 and dist.get_backend() == "gloo":
         compat.gather_tokens_on_gloo(parallel_state.get_tensor_model_parallel_group)
-    _STATE = ParallelState(layout, MegatronMPU(layout), parallel_state.get_data_parallel_group(), name)
+    _STATE = ParallelState(layout, MegatronMPU(layout, parallel_state), parallel_state.get_data_parallel_group(), name)
     return _STATE
 
 
 def teardown() -> None:
     """Forget the groups of the previous ``setup`` (megatron's and DeepSpeed's tables)."""
     global _STATE
-    parallel_state = megatron_core().parallel_state
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    if "megatron.core" in sys.modules:  # else megatron's groups were never built (tp == 1 only)
+        parallel_state = megatron_core().parallel_state
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
     compat.clear_groups()
     _STATE = None
 
